@@ -1,0 +1,187 @@
+"""Engraving model configuration."""
+
+import copy
+
+from transformers import PretrainedConfig
+
+
+ENGRAVING_PRESETS = {
+    # The reference design: 512 px, one 1024-d latent, a 3-layer 8-head 512-d caption decoder.
+    "base": {},
+    # Trains on a CPU in minutes at 128 px.
+    "small": {
+        "image_size": 128,
+        "latent_size": 256,
+        "encoder_channels": [32, 64, 128, 192, 256, 256],
+        "decoder_channels": [32, 64, 128, 192, 256, 256],
+        "text_hidden_size": 256,
+        "text_num_heads": 4,
+        "text_num_layers": 2,
+        "text_encoder_num_layers": 1,
+        "prior_hidden_size": 512,
+        "prior_num_layers": 3,
+        "discriminator_channels": [32, 64, 128, 256],
+    },
+    # For tests: one training step well under a second on one CPU core.
+    "tiny": {
+        "image_size": 32,
+        "latent_size": 32,
+        "encoder_channels": [8, 16, 32, 32],
+        "decoder_channels": [8, 16, 32, 32],
+        "text_hidden_size": 32,
+        "text_num_heads": 2,
+        "text_num_layers": 1,
+        "text_encoder_num_layers": 1,
+        "vocab_size": 512,
+        "max_caption_length": 32,
+        "num_prefix_tokens": 2,
+        "prior_hidden_size": 64,
+        "prior_num_layers": 2,
+        "prior_num_steps": 16,
+        "discriminator_channels": [8, 16, 32],
+    },
+}
+
+
+class EngravingConfig(PretrainedConfig):
+    r"""
+    Configuration of an [`EngravingModel`]: a KL-regularised image autoencoder with a learned
+    flow-matching prior over its latent, a latent-conditioned caption decoder and a text encoder
+    that maps captions into the same latent space.
+
+    The defaults are the reference design (the `"base"` preset). Use
+    [`EngravingConfig.from_preset`] for the smaller `"small"` and `"tiny"` presets.
+    """
+
+    model_type = "engraving"
+
+    def __init__(
+        self,
+        image_size=512,
+        num_channels=3,
+        latent_size=1024,
+        bottleneck_size=4,
+        encoder_channels=(32, 64, 128, 128, 256, 256, 256, 256),
+        decoder_channels=(32, 64, 128, 128, 256, 256, 256, 256),
+        decoder_blocks_per_level=1,
+        norm_num_groups=8,
+        text_hidden_size=512,
+        text_num_heads=8,
+        text_num_layers=3,
+        text_encoder_num_layers=2,
+        text_mlp_ratio=4,
+        vocab_size=8000,
+        max_caption_length=48,
+        num_prefix_tokens=4,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
+        reconstruction_loss_weight=1.0,
+        kl_loss_weight=1e-3,
+        caption_loss_weight=2.0,
+        contrastive_loss_weight=0.5,
+        prior_loss_weight=1.0,
+        prior_hidden_size=1024,
+        prior_num_layers=3,
+        prior_num_steps=32,
+        prior_condition_dropout=0.2,
+        latent_statistics_momentum=0.01,
+        adversarial_loss_weight=0.1,
+        adversarial_start_step=500,
+        discriminator_channels=(64, 128, 256, 512),
+        diff_augment=True,
+        initializer_range=0.02,
+        tie_word_embeddings=True,
+        **kwargs,
+    ):
+        self.image_size = image_size
+        """Side of the square images, in pixels; the decoder upsamples to exactly this size."""
+        self.num_channels = num_channels
+        """Colour channels of the images (3: RGB, which keeps the paper tone)."""
+        self.latent_size = latent_size
+        """Dimension of the one shared latent vector per image."""
+        self.bottleneck_size = bottleneck_size
+        """Side of the spatial grid at the bottom of the encoder and the top of the decoder."""
+        self.encoder_channels = list(encoder_channels)
+        """Encoder width per resolution level, from full resolution down; the last is repeated if short."""
+        self.decoder_channels = list(decoder_channels)
+        """Decoder width per resolution level, from full resolution down; the last is repeated if short."""
+        self.decoder_blocks_per_level = decoder_blocks_per_level
+        """Residual blocks per decoder level: the decoder's depth, and so its capacity for line work."""
+        self.norm_num_groups = norm_num_groups
+        """Groups of the GroupNorm layers in the convolutional blocks."""
+        self.text_hidden_size = text_hidden_size
+        """Width of the caption decoder and the text encoder."""
+        self.text_num_heads = text_num_heads
+        """Attention heads per Transformer layer."""
+        self.text_num_layers = text_num_layers
+        """Transformer layers of the caption decoder."""
+        self.text_encoder_num_layers = text_encoder_num_layers
+        """Transformer layers of the text encoder."""
+        self.text_mlp_ratio = text_mlp_ratio
+        """Width of the Transformer MLP as a multiple of `text_hidden_size`."""
+        self.vocab_size = vocab_size
+        """Size of the BPE vocabulary; set from the tokenizer when training."""
+        self.max_caption_length = max_caption_length
+        """Longest caption in tokens, `<bos>` and `<eos>` included."""
+        self.num_prefix_tokens = num_prefix_tokens
+        """Prefix tokens the latent is projected to, to condition the caption decoder."""
+        self.reconstruction_loss_weight = reconstruction_loss_weight
+        """Weight of the L1 + MSE pixel reconstruction loss."""
+        self.kl_loss_weight = kl_loss_weight
+        """Weight of the KL divergence of the posterior from N(0, I), averaged per latent dimension."""
+        self.caption_loss_weight = caption_loss_weight
+        """Weight of the caption cross-entropy."""
+        self.contrastive_loss_weight = contrastive_loss_weight
+        """Weight of the symmetric InfoNCE loss aligning image and text latents."""
+        self.prior_loss_weight = prior_loss_weight
+        """Weight of the flow-matching loss of the latent prior (trained on detached latents)."""
+        self.prior_hidden_size = prior_hidden_size
+        """Width of the prior's residual MLP."""
+        self.prior_num_layers = prior_num_layers
+        """Residual blocks of the prior's MLP."""
+        self.prior_num_steps = prior_num_steps
+        """Euler steps that integrate the prior's flow from noise to a latent."""
+        self.prior_condition_dropout = prior_condition_dropout
+        """Share of training examples whose text condition is dropped, so the prior also samples unconditionally."""
+        self.latent_statistics_momentum = latent_statistics_momentum
+        """Momentum of the running mean and std that standardise latents for the prior."""
+        self.adversarial_loss_weight = adversarial_loss_weight
+        """Weight of the hinge adversarial loss on reconstructions (0 turns the discriminator off)."""
+        self.adversarial_start_step = adversarial_start_step
+        """Optimizer step at which the adversarial loss starts, once reconstructions have structure."""
+        self.discriminator_channels = list(discriminator_channels)
+        """Widths of the patch discriminator's stride-2 convolutions."""
+        self.diff_augment = diff_augment
+        """Apply differentiable augmentation (DiffAugment) to both discriminator inputs, for small data."""
+        self.initializer_range = initializer_range
+        """Standard deviation of the normal initialisation of linear and embedding weights."""
+        side = image_size // bottleneck_size
+        if image_size % bottleneck_size or side & (side - 1):
+            raise ValueError(
+                f"image_size ({image_size}) must be bottleneck_size ({bottleneck_size}) times a power of two."
+            )
+        super().__init__(
+            pad_token_id=pad_token_id,
+            bos_token_id=bos_token_id,
+            eos_token_id=eos_token_id,
+            tie_word_embeddings=tie_word_embeddings,
+            **kwargs,
+        )
+
+    @property
+    def num_levels(self):
+        """Number of 2x up/downsampling stages between `image_size` and `bottleneck_size`."""
+        return max(0, (self.image_size // self.bottleneck_size).bit_length() - 1)
+
+    @classmethod
+    def from_preset(cls, name, **kwargs):
+        """Builds the named preset (`"base"`, `"small"` or `"tiny"`); keyword arguments override its fields."""
+        if name not in ENGRAVING_PRESETS:
+            raise ValueError(f"Unknown preset {name!r}: choose one of {sorted(ENGRAVING_PRESETS)}.")
+        return cls(**{**copy.deepcopy(ENGRAVING_PRESETS[name]), **kwargs})
+
+
+EngravingConfig.register_for_auto_class()
+
+__all__ = ["EngravingConfig", "ENGRAVING_PRESETS"]

@@ -1,0 +1,805 @@
+"""PyTorch Engraving model: a generative image-caption model for engravings."""
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image, ImageOps
+from torch import nn
+from transformers import AutoTokenizer, PreTrainedModel
+from transformers import initialization as init
+from transformers.utils import ModelOutput, logging
+
+
+try:  # Loaded from the Hub with trust_remote_code, this file lives in a package beside its config.
+    from .configuration_engraving import EngravingConfig
+except ImportError:  # Imported from a checkout of the repo.
+    from configuration_engraving import EngravingConfig
+
+
+logger = logging.get_logger(__name__)
+
+
+@dataclass
+class EngravingOutput(ModelOutput):
+    """
+    Output of [`EngravingModel.forward`]: the weighted total loss, each of its components, and what they were computed on.
+
+    Args:
+        loss (`torch.FloatTensor` of shape `()`): weighted sum of the component losses below.
+        loss_reconstruction (`torch.FloatTensor` of shape `()`): L1 + MSE between the images and their reconstructions.
+        loss_kl (`torch.FloatTensor` of shape `()`): KL divergence of the posterior from N(0, I), per latent dimension.
+        loss_caption (`torch.FloatTensor` of shape `()`): next-token cross-entropy of the captions, given the latent.
+        loss_contrastive (`torch.FloatTensor` of shape `()`): symmetric InfoNCE between image and text latents.
+        loss_prior (`torch.FloatTensor` of shape `()`): flow-matching loss of the latent prior.
+        reconstructions (`torch.FloatTensor` of shape `(batch, channels, height, width)`): decoded images in [-1, 1].
+        latents (`torch.FloatTensor` of shape `(batch, latent_size)`): posterior means of the images.
+        latent_logvar (`torch.FloatTensor` of shape `(batch, latent_size)`): posterior log-variances.
+        text_latents (`torch.FloatTensor` of shape `(batch, latent_size)`): the captions mapped into the latent space.
+        caption_logits (`torch.FloatTensor` of shape `(batch, caption_length - 1, vocab_size)`): next-token logits.
+    """
+
+    loss: torch.FloatTensor | None = None
+    loss_reconstruction: torch.FloatTensor | None = None
+    loss_kl: torch.FloatTensor | None = None
+    loss_caption: torch.FloatTensor | None = None
+    loss_contrastive: torch.FloatTensor | None = None
+    loss_prior: torch.FloatTensor | None = None
+    reconstructions: torch.FloatTensor | None = None
+    latents: torch.FloatTensor | None = None
+    latent_logvar: torch.FloatTensor | None = None
+    text_latents: torch.FloatTensor | None = None
+    caption_logits: torch.FloatTensor | None = None
+
+
+@dataclass
+class EngravingGenerationOutput(ModelOutput):
+    """
+    What the public generation methods return.
+
+    Args:
+        images (`list[PIL.Image.Image]`): the engravings, `image_size` x `image_size` RGB.
+        captions (`list[str]`): one caption per image.
+        seeds (`list[int]`): the seed of each image, where it came from a seed.
+        latents (`torch.FloatTensor` of shape `(batch, latent_size)`): the latents the images were decoded from.
+    """
+
+    images: list | None = None
+    captions: list | None = None
+    seeds: list | None = None
+    latents: torch.FloatTensor | None = None
+
+
+
+def estimate_paper_tone(image):
+    """The paper colour of an RGB PIL image: the per-channel median of its one-pixel border, as an (R, G, B) tuple."""
+    pixels = np.asarray(image.convert("RGB"))
+    border = np.concatenate([pixels[0], pixels[-1], pixels[:, 0], pixels[:, -1]])
+    return tuple(int(v) for v in np.median(border, axis=0))
+
+
+def resize_and_pad(image, size):
+    """
+    Fits a PIL image into a `size` x `size` RGB square, keeping its aspect ratio and padding with its own paper tone.
+
+    Returns the square image and the padding box `(left, top, right, bottom)` where the picture sits.
+    """
+    image = ImageOps.exif_transpose(image).convert("RGB")
+    scale = size / max(image.size)
+    width, height = max(1, round(image.width * scale)), max(1, round(image.height * scale))
+    resized = image.resize((width, height), Image.Resampling.LANCZOS)
+    canvas = Image.new("RGB", (size, size), estimate_paper_tone(resized))
+    left, top = (size - width) // 2, (size - height) // 2
+    canvas.paste(resized, (left, top))
+    return canvas, (left, top, left + width, top + height)
+
+
+
+def level_widths(channels, num_levels):
+    """Channel width at each of the `num_levels + 1` resolutions, repeating the last listed width."""
+    return [channels[min(level, len(channels) - 1)] for level in range(num_levels + 1)]
+
+
+def group_norm(num_channels, num_groups):
+    """GroupNorm with the largest group count up to `num_groups` that divides `num_channels`."""
+    return nn.GroupNorm(math.gcd(num_groups, num_channels), num_channels)
+
+
+def images_to_pixel_values(images, image_size):
+    """PIL images -> `(batch, 3, image_size, image_size)` float tensor in [-1, 1], padded to square with paper tone."""
+    arrays = [np.asarray(resize_and_pad(image, image_size)[0], dtype=np.float32) for image in images]
+    pixel_values = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2)
+    return pixel_values / 127.5 - 1.0
+
+
+def pixel_values_to_images(pixel_values):
+    """`(batch, 3, H, W)` tensor in [-1, 1] -> list of RGB PIL images."""
+    pixels = ((pixel_values.detach().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    return [Image.fromarray(array) for array in pixels.permute(0, 2, 3, 1).cpu().numpy()]
+
+
+def seeded_generators(seeds):
+    """One CPU `torch.Generator` per integer seed, so every sample's randomness depends on its seed alone."""
+    return [torch.Generator().manual_seed(int(seed)) for seed in seeds]
+
+
+def diff_augment(pixel_values):
+    """
+    Differentiable augmentation (Zhao et al., 2020) applied to both discriminator inputs, so a discriminator
+    trained on a few thousand images does not memorise them: brightness, contrast, translation and cutout.
+    """
+    batch, _, height, width = pixel_values.shape
+    device = pixel_values.device
+    pixel_values = pixel_values + (torch.rand(batch, 1, 1, 1, device=device) - 0.5)
+    mean = pixel_values.mean(dim=(1, 2, 3), keepdim=True)
+    pixel_values = (pixel_values - mean) * (torch.rand(batch, 1, 1, 1, device=device) + 0.5) + mean
+    shift_y, shift_x = height // 8, width // 8
+    padded = F.pad(pixel_values, (shift_x, shift_x, shift_y, shift_y), mode="replicate")
+    offset_y = torch.randint(0, 2 * shift_y + 1, (batch,), device=device)
+    offset_x = torch.randint(0, 2 * shift_x + 1, (batch,), device=device)
+    rows = (torch.arange(height, device=device)[None, :] + offset_y[:, None])[:, None, :, None]
+    cols = (torch.arange(width, device=device)[None, :] + offset_x[:, None])[:, None, None, :]
+    channels = torch.arange(pixel_values.shape[1], device=device)[None, :, None, None]
+    pixel_values = padded[torch.arange(batch, device=device)[:, None, None, None], channels, rows, cols]
+    cut_y, cut_x = height // 4, width // 4
+    center_y = torch.randint(0, height, (batch, 1, 1), device=device)
+    center_x = torch.randint(0, width, (batch, 1, 1), device=device)
+    ys = torch.arange(height, device=device)[None, :, None]
+    xs = torch.arange(width, device=device)[None, None, :]
+    cut = ((ys - center_y).abs() < cut_y // 2 + 1) & ((xs - center_x).abs() < cut_x // 2 + 1)
+    return pixel_values * (~cut)[:, None].to(pixel_values.dtype)
+
+
+class EngravingResidualBlock(nn.Module):
+    """Pre-activation residual block: GroupNorm -> SiLU -> 3x3 conv, twice, plus a (1x1-projected) shortcut."""
+
+    def __init__(self, in_channels, out_channels, num_groups):
+        super().__init__()
+        self.norm1 = group_norm(in_channels, num_groups)
+        self.conv1 = nn.Conv2d(in_channels, out_channels, 3, padding=1)
+        self.norm2 = group_norm(out_channels, num_groups)
+        self.conv2 = nn.Conv2d(out_channels, out_channels, 3, padding=1)
+        self.shortcut = nn.Conv2d(in_channels, out_channels, 1) if in_channels != out_channels else nn.Identity()
+
+    def forward(self, hidden_states):
+        residual = self.shortcut(hidden_states)
+        hidden_states = self.conv1(F.silu(self.norm1(hidden_states)))
+        hidden_states = self.conv2(F.silu(self.norm2(hidden_states)))
+        return residual + hidden_states
+
+
+class EngravingAttention(nn.Module):
+    """Multi-head self-attention on `scaled_dot_product_attention`."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.num_heads = config.text_num_heads
+        self.qkv = nn.Linear(config.text_hidden_size, 3 * config.text_hidden_size)
+        self.out_proj = nn.Linear(config.text_hidden_size, config.text_hidden_size)
+
+    def forward(self, hidden_states, attention_mask=None, is_causal=False):
+        batch, length, width = hidden_states.shape
+        query, key, value = (
+            self.qkv(hidden_states).view(batch, length, 3, self.num_heads, width // self.num_heads).permute(2, 0, 3, 1, 4)
+        )
+        attended = F.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask, is_causal=is_causal)
+        return self.out_proj(attended.transpose(1, 2).reshape(batch, length, width))
+
+
+class EngravingTransformerLayer(nn.Module):
+    """Pre-LayerNorm Transformer layer: self-attention then a GELU MLP, each residual."""
+
+    def __init__(self, config):
+        super().__init__()
+        width = config.text_hidden_size
+        self.attention_norm = nn.LayerNorm(width)
+        self.attention = EngravingAttention(config)
+        self.mlp_norm = nn.LayerNorm(width)
+        self.mlp = nn.Sequential(
+            nn.Linear(width, config.text_mlp_ratio * width), nn.GELU(), nn.Linear(config.text_mlp_ratio * width, width)
+        )
+
+    def forward(self, hidden_states, attention_mask=None, is_causal=False):
+        hidden_states = hidden_states + self.attention(self.attention_norm(hidden_states), attention_mask, is_causal)
+        return hidden_states + self.mlp(self.mlp_norm(hidden_states))
+
+
+class EngravingImageEncoder(nn.Module):
+    """CNN from `(batch, channels, image_size, image_size)` pixels to the posterior mean and log-variance of the latent."""
+
+    def __init__(self, config):
+        super().__init__()
+        widths = level_widths(config.encoder_channels, config.num_levels)
+        self.stem = nn.Conv2d(config.num_channels, widths[0], 3, padding=1)
+        self.levels = nn.ModuleList(
+            nn.Sequential(
+                EngravingResidualBlock(widths[level], widths[level], config.norm_num_groups),
+                nn.Conv2d(widths[level], widths[level + 1], 3, stride=2, padding=1),
+            )
+            for level in range(config.num_levels)
+        )
+        self.bottleneck = EngravingResidualBlock(widths[-1], widths[-1], config.norm_num_groups)
+        self.norm_out = group_norm(widths[-1], config.norm_num_groups)
+        self.to_moments = nn.Linear(widths[-1] * config.bottleneck_size**2, 2 * config.latent_size)
+
+    def forward(self, pixel_values):
+        hidden_states = self.stem(pixel_values)
+        for level in self.levels:
+            hidden_states = level(hidden_states)
+        hidden_states = F.silu(self.norm_out(self.bottleneck(hidden_states)))
+        mean, logvar = self.to_moments(hidden_states.flatten(1)).chunk(2, dim=-1)
+        return mean, logvar.clamp(-30.0, 20.0)
+
+
+class EngravingImageDecoder(nn.Module):
+    """CNN from `(batch, latent_size)` latents up to `(batch, channels, image_size, image_size)` pixels in about [-1, 1]."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.widths = level_widths(config.decoder_channels, config.num_levels)
+        self.bottleneck_size = config.bottleneck_size
+        self.from_latent = nn.Linear(config.latent_size, self.widths[-1] * config.bottleneck_size**2)
+        self.bottleneck = EngravingResidualBlock(self.widths[-1], self.widths[-1], config.norm_num_groups)
+        self.levels = nn.ModuleList(
+            nn.Sequential(
+                nn.Upsample(scale_factor=2, mode="nearest"),
+                nn.Conv2d(self.widths[level + 1], self.widths[level], 3, padding=1),
+                *(
+                    EngravingResidualBlock(self.widths[level], self.widths[level], config.norm_num_groups)
+                    for _ in range(config.decoder_blocks_per_level)
+                ),
+            )
+            for level in reversed(range(config.num_levels))
+        )
+        self.norm_out = group_norm(self.widths[0], config.norm_num_groups)
+        self.conv_out = nn.Conv2d(self.widths[0], config.num_channels, 3, padding=1)
+
+    def forward(self, latents):
+        hidden_states = self.from_latent(latents).view(
+            -1, self.widths[-1], self.bottleneck_size, self.bottleneck_size
+        )
+        hidden_states = self.bottleneck(hidden_states)
+        for level in self.levels:
+            hidden_states = level(hidden_states)
+        return self.conv_out(F.silu(self.norm_out(hidden_states)))
+
+
+class EngravingTextEncoder(nn.Module):
+    """Bidirectional Transformer from caption token embeddings to one `(batch, latent_size)` text latent (masked mean pool)."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.position_embedding = nn.Embedding(config.max_caption_length, config.text_hidden_size)
+        self.layers = nn.ModuleList(EngravingTransformerLayer(config) for _ in range(config.text_encoder_num_layers))
+        self.norm = nn.LayerNorm(config.text_hidden_size)
+        self.projection = nn.Linear(config.text_hidden_size, config.latent_size)
+
+    def forward(self, token_embeddings, attention_mask):
+        length = token_embeddings.shape[1]
+        hidden_states = token_embeddings + self.position_embedding.weight[:length]
+        key_mask = attention_mask.bool()[:, None, None, :]
+        for layer in self.layers:
+            hidden_states = layer(hidden_states, attention_mask=key_mask)
+        weights = attention_mask[..., None].to(hidden_states.dtype)
+        pooled = (self.norm(hidden_states) * weights).sum(1) / weights.sum(1).clamp(min=1.0)
+        return self.projection(pooled)
+
+
+class EngravingCaptionDecoder(nn.Module):
+    """
+    Causal Transformer that writes a caption for a latent: the latent becomes `num_prefix_tokens` prefix
+    embeddings, followed by the caption's token embeddings. Its `lm_head` is tied to the token embedding.
+    """
+
+    def __init__(self, config):
+        super().__init__()
+        self.num_prefix_tokens = config.num_prefix_tokens
+        self.latent_to_prefix = nn.Linear(config.latent_size, config.num_prefix_tokens * config.text_hidden_size)
+        self.position_embedding = nn.Embedding(
+            config.num_prefix_tokens + config.max_caption_length, config.text_hidden_size
+        )
+        self.layers = nn.ModuleList(EngravingTransformerLayer(config) for _ in range(config.text_num_layers))
+        self.norm = nn.LayerNorm(config.text_hidden_size)
+        self.lm_head = nn.Linear(config.text_hidden_size, config.vocab_size, bias=False)
+
+    def forward(self, latents, token_embeddings):
+        """`(batch, latent_size)` and `(batch, length, width)` -> next-token logits `(batch, length, vocab_size)`."""
+        prefix = self.latent_to_prefix(latents).view(latents.shape[0], self.num_prefix_tokens, -1)
+        hidden_states = torch.cat([prefix, token_embeddings], dim=1)
+        hidden_states = hidden_states + self.position_embedding.weight[: hidden_states.shape[1]]
+        for layer in self.layers:
+            hidden_states = layer(hidden_states, is_causal=True)
+        return self.lm_head(self.norm(hidden_states[:, self.num_prefix_tokens :]))
+
+
+class EngravingPriorBlock(nn.Module):
+    """Residual MLP block whose LayerNorm is scaled and shifted by the time-and-condition embedding (adaLN)."""
+
+    def __init__(self, hidden_size):
+        super().__init__()
+        self.norm = nn.LayerNorm(hidden_size, elementwise_affine=False)
+        self.modulation = nn.Linear(hidden_size, 2 * hidden_size)
+        self.mlp = nn.Sequential(nn.Linear(hidden_size, 2 * hidden_size), nn.SiLU(), nn.Linear(2 * hidden_size, hidden_size))
+
+    def forward(self, hidden_states, embedding):
+        scale, shift = self.modulation(F.silu(embedding)).chunk(2, dim=-1)
+        return hidden_states + self.mlp(self.norm(hidden_states) * (1 + scale) + shift)
+
+
+class EngravingLatentPrior(nn.Module):
+    """
+    Rectified-flow prior over standardised latents. It learns the velocity that carries N(0, I) noise at t=0 to
+    the distribution of the encoder's latents at t=1, optionally conditioned on a text latent; sampling
+    integrates that velocity with `prior_num_steps` Euler steps, so a fixed noise gives a fixed latent.
+    """
+
+    def __init__(self, config):
+        super().__init__()
+        hidden = config.prior_hidden_size
+        self.num_steps = config.prior_num_steps
+        self.input_projection = nn.Linear(config.latent_size, hidden)
+        self.time_embedding = nn.Sequential(nn.Linear(hidden, hidden), nn.SiLU(), nn.Linear(hidden, hidden))
+        self.condition_projection = nn.Linear(config.latent_size, hidden)
+        self.null_condition = nn.Parameter(torch.zeros(hidden))
+        self.blocks = nn.ModuleList(EngravingPriorBlock(hidden) for _ in range(config.prior_num_layers))
+        self.norm_out = nn.LayerNorm(hidden)
+        self.output_projection = nn.Linear(hidden, config.latent_size)
+
+    def timestep_features(self, timesteps):
+        """Sinusoidal features of `(batch,)` times in [0, 1], of width `prior_hidden_size`."""
+        half = self.null_condition.shape[0] // 2
+        frequencies = torch.exp(-math.log(10000.0) * torch.arange(half, device=timesteps.device) / half)
+        angles = 1000.0 * timesteps[:, None].float() * frequencies[None]
+        return torch.cat([angles.sin(), angles.cos()], dim=-1).to(self.null_condition.dtype)
+
+    def forward(self, noisy_latents, timesteps, conditions=None, condition_mask=None):
+        """
+        Velocity `(batch, latent_size)` at `noisy_latents` `(batch, latent_size)` and times `(batch,)`.
+        `conditions` `(batch, latent_size)` are unit text latents; rows where `condition_mask` is False use none.
+        """
+        embedding = self.time_embedding(self.timestep_features(timesteps))
+        null = self.null_condition.expand_as(embedding)
+        if conditions is None:
+            embedding = embedding + null
+        else:
+            embedding = embedding + torch.where(condition_mask[:, None], self.condition_projection(conditions), null)
+        hidden_states = self.input_projection(noisy_latents)
+        for block in self.blocks:
+            hidden_states = block(hidden_states, embedding)
+        return self.output_projection(self.norm_out(hidden_states))
+
+    def sample(self, noise, conditions=None, guidance_scale=1.0):
+        """Integrates the flow from `noise` `(batch, latent_size)` to standardised latents, with classifier-free guidance."""
+        latents = noise
+        condition_mask = None if conditions is None else torch.ones(noise.shape[0], dtype=torch.bool, device=noise.device)
+        for step in range(self.num_steps):
+            timesteps = torch.full((noise.shape[0],), step / self.num_steps, device=noise.device)
+            velocity = self(latents, timesteps)
+            if conditions is not None:
+                conditional = self(latents, timesteps, conditions, condition_mask)
+                velocity = velocity + guidance_scale * (conditional - velocity)
+            latents = latents + velocity / self.num_steps
+        return latents
+
+
+class EngravingDiscriminator(nn.Module):
+    """
+    Patch discriminator for the adversarial loss on reconstructions, with DiffAugment on both inputs.
+    It trains beside [`EngravingModel`] (train.py gives it its own optimizer) and is not part of the saved model.
+    """
+
+    def __init__(self, config):
+        super().__init__()
+        self.diff_augment = config.diff_augment
+        layers, in_channels = [], config.num_channels
+        for width in config.discriminator_channels:
+            layers += [nn.Conv2d(in_channels, width, 4, stride=2, padding=1), nn.LeakyReLU(0.2)]
+            in_channels = width
+        layers.append(nn.Conv2d(in_channels, 1, 3, padding=1))
+        self.layers = nn.Sequential(*layers)
+
+    def forward(self, pixel_values):
+        """`(batch, channels, H, W)` images -> `(batch, 1, h, w)` patch logits, real > 0 > fake."""
+        if self.diff_augment:
+            pixel_values = diff_augment(pixel_values)
+        return self.layers(pixel_values)
+
+    def generator_loss(self, fake_pixel_values):
+        """Hinge loss for the generator: raise the discriminator's score of its images."""
+        return -self(fake_pixel_values).mean()
+
+    def discriminator_loss(self, real_pixel_values, fake_pixel_values):
+        """Hinge loss for the discriminator on a real and a (detached) generated batch."""
+        return F.relu(1 - self(real_pixel_values)).mean() + F.relu(1 + self(fake_pixel_values)).mean()
+
+
+class EngravingPreTrainedModel(PreTrainedModel):
+    config_class = EngravingConfig
+    base_model_prefix = "engraving"
+    main_input_name = "pixel_values"
+    supports_gradient_checkpointing = False
+
+    def _init_weights(self, module):
+        std = self.config.initializer_range
+        if isinstance(module, nn.Conv2d):
+            init.kaiming_normal_(module.weight, nonlinearity="relu")
+            init.zeros_(module.bias)
+        elif isinstance(module, nn.Linear):
+            init.normal_(module.weight, mean=0.0, std=std)
+            if module.bias is not None:
+                init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            init.normal_(module.weight, mean=0.0, std=std)
+        elif isinstance(module, (nn.LayerNorm, nn.GroupNorm)) and module.weight is not None:
+            init.ones_(module.weight)
+            init.zeros_(module.bias)
+        if isinstance(module, EngravingResidualBlock):
+            # Each block starts as the identity, so deep decoders train from the first step.
+            init.zeros_(module.conv2.weight)
+        elif isinstance(module, EngravingLatentPrior):
+            init.zeros_(module.null_condition)
+            init.zeros_(module.output_projection.weight)
+        elif isinstance(module, EngravingPriorBlock):
+            init.zeros_(module.modulation.weight)
+            init.zeros_(module.mlp[-1].weight)
+        elif isinstance(module, EngravingModel):
+            init.constant_(module.logit_scale, math.log(1 / 0.07))
+            init.zeros_(module.latent_mean)
+            init.ones_(module.latent_std)
+
+
+class EngravingModel(EngravingPreTrainedModel):
+    """
+    A generative model of engravings and their captions around one shared latent per image:
+
+    - an image encoder gives a KL-regularised posterior over the latent, and an image decoder draws it back;
+    - a caption decoder writes a caption from the latent, and a text encoder maps a caption into the latent space;
+    - a flow-matching prior turns seeded N(0, I) noise into latents that lie where the encoder's latents lie,
+      unconditionally (`generate`) or given a caption (`imagine`).
+    """
+
+    _tied_weights_keys = {"caption_decoder.lm_head.weight": "token_embedding.weight"}
+
+    def __init__(self, config: EngravingConfig):
+        super().__init__(config)
+        self.image_encoder = EngravingImageEncoder(config)
+        self.image_decoder = EngravingImageDecoder(config)
+        self.token_embedding = nn.Embedding(config.vocab_size, config.text_hidden_size)
+        self.caption_decoder = EngravingCaptionDecoder(config)
+        self.text_encoder = EngravingTextEncoder(config)
+        self.prior = EngravingLatentPrior(config)
+        self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))
+        # Running statistics that standardise latents for the prior; saved with the weights.
+        self.register_buffer("latent_mean", torch.zeros(config.latent_size))
+        self.register_buffer("latent_std", torch.ones(config.latent_size))
+        self.tokenizer = None
+        self.post_init()
+
+    def get_input_embeddings(self):
+        return self.token_embedding
+
+    def set_input_embeddings(self, value):
+        self.token_embedding = value
+
+    def get_output_embeddings(self):
+        return self.caption_decoder.lm_head
+
+    # ----------------------------------------------------------------------------------------------------------
+    # Saving and loading: the tokenizer travels with the model, so `generate()` returns text after `from_pretrained`.
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *model_args, **kwargs):
+        model = super().from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
+        hub_kwargs = {
+            key: kwargs[key] for key in ("cache_dir", "revision", "token", "local_files_only", "subfolder") if key in kwargs
+        }
+        try:
+            model.tokenizer = AutoTokenizer.from_pretrained(pretrained_model_name_or_path, **hub_kwargs)
+        except (OSError, ValueError):
+            logger.warning(f"No tokenizer found with {pretrained_model_name_or_path}: pass `tokenizer=` to get captions.")
+        return model
+
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        super().save_pretrained(save_directory, *args, **kwargs)
+        if self.tokenizer is not None and kwargs.get("is_main_process", True):
+            self.tokenizer.save_pretrained(save_directory)
+
+    # ----------------------------------------------------------------------------------------------------------
+    # Tensor-level building blocks.
+
+    def encode_images(self, pixel_values, sample_posterior=False, generator=None):
+        """`(batch, channels, H, W)` pixels in [-1, 1] -> `(batch, latent_size)` latents: the posterior mean, or a sample."""
+        mean, logvar = self.image_encoder(pixel_values)
+        if not sample_posterior:
+            return mean
+        noise = torch.randn(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
+        return mean + torch.exp(0.5 * logvar) * noise
+
+    def decode_latents(self, latents):
+        """`(batch, latent_size)` latents -> `(batch, channels, image_size, image_size)` pixels in about [-1, 1]."""
+        return self.image_decoder(latents)
+
+    def encode_text(self, input_ids, attention_mask):
+        """`(batch, length)` caption token ids -> `(batch, latent_size)` text latents in the image latent space."""
+        return self.text_encoder(self.token_embedding(input_ids), attention_mask)
+
+    def standardize_latents(self, latents):
+        return (latents - self.latent_mean) / self.latent_std
+
+    def unstandardize_latents(self, standardized):
+        return standardized * self.latent_std + self.latent_mean
+
+    @torch.no_grad()
+    def update_latent_statistics(self, latents, momentum=None):
+        """Moves the prior's standardisation towards the mean and std of `(batch, latent_size)` latents (momentum 1: set them)."""
+        momentum = self.config.latent_statistics_momentum if momentum is None else momentum
+        std = latents.float().std(dim=0) if latents.shape[0] > 1 else self.latent_std
+        self.latent_mean.lerp_(latents.float().mean(dim=0), momentum)
+        self.latent_std.lerp_(std.clamp(min=1e-4), momentum)
+
+    def prior_loss(self, latents, text_latents=None):
+        """Flow-matching loss of the prior on detached `(batch, latent_size)` latents, text-conditioned on a random share."""
+        target = self.standardize_latents(latents.detach())
+        noise = torch.randn_like(target)
+        timesteps = torch.rand(target.shape[0], device=target.device)
+        noisy = (1 - timesteps[:, None]) * noise + timesteps[:, None] * target
+        conditions = condition_mask = None
+        if text_latents is not None:
+            conditions = F.normalize(text_latents.detach(), dim=-1)
+            condition_mask = torch.rand(target.shape[0], device=target.device) >= self.config.prior_condition_dropout
+        velocity = self.prior(noisy, timesteps, conditions, condition_mask)
+        return F.mse_loss(velocity.float(), (target - noise).float())
+
+    def contrastive_loss(self, image_latents, text_latents):
+        """Symmetric InfoNCE between matching rows of `(batch, latent_size)` image and text latents."""
+        image_latents = F.normalize(image_latents.float(), dim=-1)
+        text_latents = F.normalize(text_latents.float(), dim=-1)
+        logits = self.logit_scale.exp().clamp(max=100.0) * image_latents @ text_latents.T
+        targets = torch.arange(logits.shape[0], device=logits.device)
+        return 0.5 * (F.cross_entropy(logits, targets) + F.cross_entropy(logits.T, targets))
+
+    def forward(self, pixel_values, input_ids=None, attention_mask=None, sample_posterior=None, **kwargs):
+        r"""
+        Args:
+            pixel_values (`torch.FloatTensor` of shape `(batch, channels, image_size, image_size)`): images in [-1, 1].
+            input_ids (`torch.LongTensor` of shape `(batch, length)`, *optional*): captions as `<bos> ... <eos> <pad>*`.
+            attention_mask (`torch.LongTensor` of shape `(batch, length)`, *optional*): 1 on tokens, 0 on padding.
+            sample_posterior (`bool`, *optional*): decode a posterior sample rather than the mean; defaults to `self.training`.
+
+        Returns:
+            [`EngravingOutput`] with the weighted `loss` and each component.
+        """
+        sample_posterior = self.training if sample_posterior is None else sample_posterior
+        mean, logvar = self.image_encoder(pixel_values)
+        latents = mean + torch.exp(0.5 * logvar) * torch.randn_like(mean) if sample_posterior else mean
+        reconstructions = self.image_decoder(latents)
+        loss_reconstruction = F.l1_loss(reconstructions.float(), pixel_values.float()) + F.mse_loss(
+            reconstructions.float(), pixel_values.float()
+        )
+        loss_kl = 0.5 * (mean.float().pow(2) + logvar.float().exp() - 1.0 - logvar.float()).mean()
+        loss = self.config.reconstruction_loss_weight * loss_reconstruction + self.config.kl_loss_weight * loss_kl
+
+        loss_caption = loss_contrastive = caption_logits = text_latents = None
+        if input_ids is not None:
+            attention_mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask
+            token_embeddings = self.token_embedding(input_ids)
+            caption_logits = self.caption_decoder(latents, token_embeddings[:, :-1])
+            labels = input_ids[:, 1:].masked_fill(attention_mask[:, 1:] == 0, -100)
+            loss_caption = F.cross_entropy(caption_logits.float().transpose(1, 2), labels, ignore_index=-100)
+            text_latents = self.text_encoder(token_embeddings, attention_mask)
+            loss_contrastive = self.contrastive_loss(mean, text_latents)
+            loss = loss + self.config.caption_loss_weight * loss_caption
+            loss = loss + self.config.contrastive_loss_weight * loss_contrastive
+
+        if self.training:
+            self.update_latent_statistics(mean.detach())
+        loss_prior = self.prior_loss(mean, text_latents)
+        loss = loss + self.config.prior_loss_weight * loss_prior
+
+        return EngravingOutput(
+            loss=loss,
+            loss_reconstruction=loss_reconstruction,
+            loss_kl=loss_kl,
+            loss_caption=loss_caption,
+            loss_contrastive=loss_contrastive,
+            loss_prior=loss_prior,
+            reconstructions=reconstructions,
+            latents=mean,
+            latent_logvar=logvar,
+            text_latents=text_latents,
+            caption_logits=caption_logits,
+        )
+
+    @torch.no_grad()
+    def sample_latents(self, seeds, text_latents=None, use_prior=True, guidance_scale=1.0):
+        """
+        Latents `(len(seeds), latent_size)` from integer seeds: each seed's N(0, I) noise, carried through the prior
+        (conditioned on `text_latents` if given), or decoded as is with `use_prior=False`.
+        """
+        noise = torch.stack([torch.randn(self.config.latent_size, generator=g) for g in seeded_generators(seeds)])
+        noise = noise.to(self.device, self.dtype)
+        if not use_prior:
+            return noise
+        conditions = None if text_latents is None else F.normalize(text_latents, dim=-1)
+        return self.unstandardize_latents(self.prior.sample(noise, conditions, guidance_scale))
+
+    @torch.no_grad()
+    def generate_caption_ids(self, latents, temperature=0.0, top_p=1.0, generators=None, max_length=None):
+        """
+        Writes captions for `(batch, latent_size)` latents, batched, until every row has produced `<eos>`.
+        `temperature=0` is greedy; otherwise nucleus sampling with one `torch.Generator` per row, so a row's caption
+        does not depend on the rest of the batch. Returns `(batch, length)` token ids starting with `<bos>`.
+        """
+        batch = latents.shape[0]
+        max_length = max_length or self.config.max_caption_length
+        input_ids = torch.full((batch, 1), self.config.bos_token_id, dtype=torch.long, device=latents.device)
+        finished = torch.zeros(batch, dtype=torch.bool, device=latents.device)
+        for _ in range(max_length - 1):
+            logits = self.caption_decoder(latents, self.token_embedding(input_ids))[:, -1].float()
+            if temperature > 0:
+                next_tokens = sample_top_p(logits / temperature, top_p, generators)
+            else:
+                next_tokens = logits.argmax(dim=-1)
+            next_tokens = next_tokens.masked_fill(finished, self.config.pad_token_id)
+            input_ids = torch.cat([input_ids, next_tokens[:, None]], dim=1)
+            finished |= next_tokens == self.config.eos_token_id
+            if finished.all():
+                break
+        return input_ids
+
+    # ----------------------------------------------------------------------------------------------------------
+    # Public API: seeds, PIL images and strings in; PIL images and strings out.
+
+    def _require_tokenizer(self, tokenizer):
+        tokenizer = tokenizer or self.tokenizer
+        if tokenizer is None:
+            raise ValueError(
+                "This model has no tokenizer: load it with `from_pretrained` from a folder that has one, or pass `tokenizer=`."
+            )
+        return tokenizer
+
+    def _decode_captions(self, latents, tokenizer, temperature=0.0, top_p=1.0, generators=None):
+        ids = self.generate_caption_ids(latents, temperature, top_p, generators)
+        return [text.strip() for text in tokenizer.batch_decode(ids, skip_special_tokens=True)]
+
+    def _tokenize(self, captions, tokenizer):
+        batch = tokenizer(
+            list(captions),
+            padding=True,
+            truncation=True,
+            max_length=self.config.max_caption_length,
+            return_tensors="pt",
+        )
+        return batch["input_ids"].to(self.device), batch["attention_mask"].to(self.device)
+
+    @torch.no_grad()
+    def generate(
+        self, seeds=None, num_samples=None, temperature=0.7, top_p=0.9, use_prior=True, tokenizer=None, batch_size=16
+    ):
+        """
+        Draws new engravings with captions. The same integer seed always gives the same image and caption.
+
+        Args:
+            seeds (`list[int]`, *optional*): one engraving per seed.
+            num_samples (`int`, *optional*): without `seeds`, this many engravings from random seeds.
+            temperature (`float`): caption sampling temperature; 0 is greedy.
+            top_p (`float`): nucleus of the caption sampling.
+            use_prior (`bool`): carry the seed's noise through the learned prior; `False` decodes N(0, I) directly.
+
+        Returns:
+            [`EngravingGenerationOutput`] with `images` (PIL), `captions` (str), `seeds` and `latents`.
+        """
+        tokenizer = self._require_tokenizer(tokenizer)
+        if seeds is None:
+            if not num_samples:
+                raise ValueError("Pass `seeds=[...]` or `num_samples=N`.")
+            seeds = torch.randint(0, 2**31 - 1, (num_samples,)).tolist()
+        seeds = [int(seed) for seed in seeds]
+        images, captions, latents = [], [], []
+        for start in range(0, len(seeds), batch_size):
+            chunk = seeds[start : start + batch_size]
+            chunk_latents = self.sample_latents(chunk, use_prior=use_prior)
+            # The caption's randomness continues from a generator of the same seed, after the latent noise.
+            generators = seeded_generators(chunk)
+            for generator in generators:
+                torch.randn(self.config.latent_size, generator=generator)
+            images += pixel_values_to_images(self.decode_latents(chunk_latents))
+            captions += self._decode_captions(chunk_latents, tokenizer, temperature, top_p, generators)
+            latents.append(chunk_latents)
+        return EngravingGenerationOutput(images=images, captions=captions, seeds=seeds, latents=torch.cat(latents))
+
+    @torch.no_grad()
+    def caption(self, images, tokenizer=None, temperature=0.0, top_p=1.0):
+        """Captions PIL images (one or a list): `list[str]`, greedy by default."""
+        tokenizer = self._require_tokenizer(tokenizer)
+        images = [images] if isinstance(images, Image.Image) else list(images)
+        pixel_values = images_to_pixel_values(images, self.config.image_size).to(self.device, self.dtype)
+        latents = self.encode_images(pixel_values)
+        generators = seeded_generators(range(len(images)))
+        return self._decode_captions(latents, tokenizer, temperature, top_p, generators)
+
+    @torch.no_grad()
+    def imagine(self, captions, seed=0, guidance_scale=2.0, tokenizer=None):
+        """
+        Draws an engraving for each caption (a string or a list): the caption's text latent conditions the prior.
+        Caption `i` uses seed `seed + i`. Returns [`EngravingGenerationOutput`].
+        """
+        tokenizer = self._require_tokenizer(tokenizer)
+        captions = [captions] if isinstance(captions, str) else list(captions)
+        text_latents = self.encode_text(*self._tokenize(captions, tokenizer))
+        seeds = [seed + index for index in range(len(captions))]
+        latents = self.sample_latents(seeds, text_latents=text_latents, guidance_scale=guidance_scale)
+        images = pixel_values_to_images(self.decode_latents(latents))
+        return EngravingGenerationOutput(images=images, captions=captions, seeds=seeds, latents=latents)
+
+    @torch.no_grad()
+    def interpolate(self, seed_a, seed_b, steps=8, tokenizer=None):
+        """
+        Walks from the engraving of `seed_a` to that of `seed_b` in `steps` images: spherical interpolation of the
+        two seeds' noise, each point carried through the prior. Captions are greedy. Returns [`EngravingGenerationOutput`].
+        """
+        tokenizer = self._require_tokenizer(tokenizer)
+        if steps < 2:
+            raise ValueError(f"`steps` must be at least 2, got {steps}.")
+        noise_a, noise_b = (
+            torch.randn(self.config.latent_size, generator=g) for g in seeded_generators([seed_a, seed_b])
+        )
+        angle = torch.arccos((F.normalize(noise_a, dim=0) @ F.normalize(noise_b, dim=0)).clamp(-1 + 1e-6, 1 - 1e-6))
+        weights = torch.linspace(0, 1, steps)[:, None]
+        noise = (torch.sin((1 - weights) * angle) * noise_a + torch.sin(weights * angle) * noise_b) / torch.sin(angle)
+        latents = self.unstandardize_latents(self.prior.sample(noise.to(self.device, self.dtype)))
+        images = pixel_values_to_images(self.decode_latents(latents))
+        captions = self._decode_captions(latents, tokenizer)
+        return EngravingGenerationOutput(images=images, captions=captions, seeds=[seed_a, seed_b], latents=latents)
+
+    def fit_prior(self, latents, text_latents=None, num_steps=1000, batch_size=256, learning_rate=1e-3, seed=0):
+        """
+        Fits the prior to a set of training latents `(num_images, latent_size)` (and their text latents): sets the
+        exact standardisation statistics, then trains only the prior for `num_steps`. Returns the final loss.
+        """
+        latents = latents.to(self.device, torch.float32)
+        text_latents = None if text_latents is None else text_latents.to(self.device, torch.float32)
+        self.update_latent_statistics(latents, momentum=1.0)
+        optimizer = torch.optim.AdamW(self.prior.parameters(), lr=learning_rate, weight_decay=0.0)
+        scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, num_steps)
+        generator = torch.Generator().manual_seed(seed)
+        was_training = self.prior.training
+        self.prior.train()
+        loss = torch.tensor(float("nan"))
+        for _ in range(num_steps):
+            index = torch.randint(0, latents.shape[0], (min(batch_size, latents.shape[0]),), generator=generator)
+            batch_text = None if text_latents is None else text_latents[index.to(self.device)]
+            loss = self.prior_loss(latents[index.to(self.device)], batch_text)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            scheduler.step()
+        self.prior.train(was_training)
+        return loss.item()
+
+
+def sample_top_p(logits, top_p, generators=None):
+    """
+    Samples one token per row of `(batch, vocab)` logits from its top-`p` nucleus. Row `i` draws its uniform number
+    from `generators[i]`, so its choice is independent of the other rows.
+    """
+    probabilities = logits.softmax(dim=-1)
+    sorted_probabilities, sorted_indices = probabilities.sort(dim=-1, descending=True)
+    cumulative = sorted_probabilities.cumsum(dim=-1)
+    sorted_probabilities = sorted_probabilities.masked_fill(cumulative - sorted_probabilities > top_p, 0.0)
+    cumulative = sorted_probabilities.cumsum(dim=-1)
+    if generators is None:
+        uniform = torch.rand(logits.shape[0])
+    else:
+        uniform = torch.stack([torch.rand((), generator=generator) for generator in generators])
+    threshold = uniform.to(logits.device)[:, None] * cumulative[:, -1:]
+    choice = (cumulative < threshold).sum(dim=-1).clamp(max=logits.shape[-1] - 1)
+    return sorted_indices.gather(-1, choice[:, None]).squeeze(-1)
+
+
+__all__ = ["EngravingModel", "EngravingPreTrainedModel", "EngravingDiscriminator", "EngravingOutput"]
+
+
+EngravingModel.register_for_auto_class("AutoModel")
