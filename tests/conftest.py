@@ -1,0 +1,90 @@
+"""Shared tiny fixtures: a tokenizer, a randomly initialised tiny model and a small captioned DatasetDict."""
+
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image, ImageDraw
+
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO_ROOT))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+from configuration_engraving import EngravingConfig  # noqa: E402
+from modeling_engraving import EngravingModel  # noqa: E402
+from tokenization_engraving import train_tokenizer  # noqa: E402
+
+
+SHAPES = ["circle", "square", "cross", "bar"]
+PLACES = ["left", "right"]
+
+
+def shape_picture(shape, place, size=32):
+    """A dark ink `shape` on light paper at the `place` half of a `size` px square, and its caption."""
+    image = Image.new("RGB", (size, size), (236, 228, 210))
+    draw = ImageDraw.Draw(image)
+    x0 = size // 8 if place == "left" else size // 2 + size // 16
+    box = (x0, size // 4, x0 + size * 3 // 8, size * 5 // 8)
+    if shape == "circle":
+        draw.ellipse(box, fill=(20, 20, 20))
+    elif shape == "square":
+        draw.rectangle(box, fill=(20, 20, 20))
+    elif shape == "cross":
+        draw.line(box, fill=(20, 20, 20), width=3)
+        draw.line((box[0], box[3], box[2], box[1]), fill=(20, 20, 20), width=3)
+    else:
+        draw.rectangle((box[0], box[1], box[2], box[1] + size // 10), fill=(20, 20, 20))
+    return image, f"An engraving depicting a {shape} on the {place}"
+
+
+def shape_pairs(size=32):
+    """The 8 distinct (image, caption) pairs of the shape vocabulary."""
+    return [shape_picture(shape, place, size) for shape in SHAPES for place in PLACES]
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer():
+    captions = [caption for _, caption in shape_pairs()] + ["An engraving depicting a ship beneath the moon"]
+    return train_tokenizer(captions * 4, vocab_size=300)
+
+
+@pytest.fixture(scope="session")
+def tiny_config(tiny_tokenizer):
+    return EngravingConfig.from_preset("tiny", vocab_size=len(tiny_tokenizer))
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tiny_config, tiny_tokenizer):
+    import torch
+
+    torch.manual_seed(0)
+    model = EngravingModel(tiny_config).eval()
+    model.tokenizer = tiny_tokenizer
+    return model
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tiny_model, tmp_path_factory):
+    path = tmp_path_factory.mktemp("tiny_model")
+    tiny_model.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_dataset_dir(tmp_path_factory):
+    """A DatasetDict saved at `<dir>/dataset` with `train` (24 rows) and `validation` (8 rows) splits of shapes."""
+    from datasets import Dataset, DatasetDict, Features, Image as ImageFeature, Value
+
+    rng = np.random.default_rng(0)
+    features = Features({"image": ImageFeature(), "caption": Value("string")})
+
+    def split(count):
+        rows = [shape_picture(SHAPES[i % 4], PLACES[(i // 4) % 2]) for i in rng.permutation(count)]
+        return Dataset.from_dict({"image": [r[0] for r in rows], "caption": [r[1] for r in rows]}, features=features)
+
+    path = tmp_path_factory.mktemp("tiny_data")
+    DatasetDict({"train": split(24), "validation": split(8)}).save_to_disk(path / "dataset")
+    return path
