@@ -1,0 +1,144 @@
+"""train.py end to end on the tiny preset: evaluation outputs, exact resume, NaN skipping, atomic checkpoints, 2 processes."""
+
+import json
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+
+from conftest import REPO_ROOT
+from modeling_engraving import EngravingModel
+from train import TRAINING_STATE_NAME, resolve_resume_path, parse_args
+
+
+# 24 training images at batch 8: 3 steps per epoch, an evaluation at the end of each.
+TINY_RUN = [
+    "--preset", "tiny", "--train_batch_size", "8", "--report_to", "none", "--prior_fit_steps", "5",
+    "--num_validation_samples", "2", "--eval_batch_size", "8", "--logging_steps", "1", "--vocab_size", "300",
+]
+
+
+def run_train(dataset_dir, output_dir, *flags, launcher=(sys.executable,), environment=None):
+    """Runs train.py in a fresh process (as a user would) and returns the finished process."""
+    command = [*launcher, str(REPO_ROOT / "train.py"), "--dataset_path", str(dataset_dir), "--output_dir", str(output_dir)]
+    command += ["--cache_dir", str(output_dir.parent / "cache"), *TINY_RUN, *flags]
+    environment = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", **(environment or {})}
+    return subprocess.run(command, cwd=REPO_ROOT, env=environment, capture_output=True, text=True, timeout=240)
+
+
+def step_losses(output_dir):
+    """`{step: losses}` of the per-step training log lines (the last logged for each step), throughput left out."""
+    lines = [re.sub(r" images_per_second \S+", "", line) for line in (output_dir / "training.log").read_text().splitlines()]
+    return {int(m.group(1)): m.group(2) for m in (re.search(r"step (\d+)/\d+ epoch \d+ (.*)", line) for line in lines) if m}
+
+
+def validation_records(output_dir):
+    return [{k: v for k, v in r.items() if k == "step" or k.startswith("val_")} for r in json.loads((output_dir / "metrics.json").read_text())]
+
+
+def test_training_writes_evaluations_best_model_and_a_loadable_final_model(tiny_dataset_dir, tmp_path):
+    result = run_train(tiny_dataset_dir, tmp_path / "run", "--max_train_steps", "6", "--use_ema")
+    assert result.returncode == 0, result.stderr[-3000:]
+    run = tmp_path / "run"
+    records = json.loads((run / "metrics.json").read_text())
+    assert [record["step"] for record in records] == [3, 6]
+    assert all(record[f"val_{name}"] > 0 for record in records for name in ("loss", "loss_reconstruction", "loss_caption"))
+    for name in ("samples-0000003.png", "reconstructions-0000006.png", "samples.png", "training.log"):
+        assert (run / name).is_file(), name
+    card = (run / "best_model" / "README.md").read_text()
+    assert card.startswith("---\nlibrary_name: transformers") and "samples.png" in card and "val_loss" in card
+    assert (run / "best_model" / "samples.png").is_file() and (run / "best_model" / "tokenizer.json").is_file()
+    model = EngravingModel.from_pretrained(run / "model")
+    output = model.generate(seeds=[0, 1])
+    assert len(output.images) == 2 and output.images[0].size == (32, 32) and all(isinstance(c, str) for c in output.captions)
+    # The prior was fitted to the training latents: its standardisation is no longer the initial N(0, I).
+    assert not model.latent_std.eq(1).all()
+
+
+def test_resumed_run_gives_the_same_losses_as_an_uninterrupted_one(tiny_dataset_dir, tmp_path):
+    # Warmup across the interruption, EMA, the adversarial loss, flips and crops: every piece of state matters.
+    flags = [
+        "--use_ema", "--adversarial_start_step", "2", "--random_flip", "--lr_scheduler", "constant_with_warmup",
+        "--lr_warmup_steps", "5", "--learning_rate", "1e-3", "--checkpointing_steps", "4",
+    ]
+    uninterrupted = run_train(tiny_dataset_dir, tmp_path / "a", "--max_train_steps", "7", *flags)
+    assert uninterrupted.returncode == 0, uninterrupted.stderr[-3000:]
+    # The interrupted run stops after step 4 (mid-epoch 2) and is resumed from its checkpoint.
+    interrupted = run_train(tiny_dataset_dir, tmp_path / "b", "--max_train_steps", "4", *flags)
+    assert interrupted.returncode == 0, interrupted.stderr[-3000:]
+    resumed = run_train(tiny_dataset_dir, tmp_path / "b", "--max_train_steps", "7", "--resume_from_checkpoint", "latest", *flags)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "Resumed from" in (tmp_path / "b" / "training.log").read_text()
+
+    expected, actual = step_losses(tmp_path / "a"), step_losses(tmp_path / "b")
+    assert sorted(expected) == list(range(1, 8))
+    for step in (5, 6, 7):
+        assert actual[step] == expected[step], f"step {step} differs after resume"
+    assert validation_records(tmp_path / "b") == validation_records(tmp_path / "a")
+
+
+def test_non_finite_losses_are_skipped_counted_and_stop_training(tiny_dataset_dir, tmp_path):
+    # A learning rate of 1e30 makes the weights overflow after the first step: every later loss is infinite or NaN.
+    result = run_train(
+        tiny_dataset_dir, tmp_path / "run", "--max_train_steps", "20", "--learning_rate", "1e30",
+        "--lr_scheduler", "constant", "--lr_warmup_steps", "0", "--max_consecutive_nonfinite_steps", "3",
+    )
+    assert result.returncode != 0
+    assert "the loss was NaN or infinite for 3 consecutive steps (3 skipped in all)" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert step_losses(tmp_path / "run")[1]  # the first step was finite and trained
+    assert not (tmp_path / "run" / "model").exists()
+
+
+def test_latest_skips_checkpoints_whose_save_was_interrupted(tmp_path):
+    def checkpoint(name, complete):
+        path = tmp_path / name
+        path.mkdir()
+        (path / "model.safetensors").write_bytes(b"weights")
+        if complete:
+            (path / TRAINING_STATE_NAME).write_text("{}")
+
+    checkpoint("checkpoint-4", complete=True)
+    checkpoint("checkpoint-12", complete=True)
+    checkpoint("checkpoint-16.tmp", complete=True)  # killed before the rename
+    checkpoint("checkpoint-20", complete=False)  # killed before its training state was written
+    args = parse_args(["--dataset_path", "unused", "--output_dir", str(tmp_path), "--resume_from_checkpoint", "latest"])
+    assert resolve_resume_path(args) == tmp_path / "checkpoint-12"
+
+
+def test_checkpoints_are_renamed_into_place_and_pruned_to_the_limit(tiny_dataset_dir, tmp_path):
+    result = run_train(
+        tiny_dataset_dir, tmp_path / "run", "--max_train_steps", "6", "--checkpointing_steps", "2",
+        "--checkpoints_total_limit", "2", "--validation_epochs", "10",
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    names = sorted(path.name for path in (tmp_path / "run").iterdir() if path.name.startswith("checkpoint"))
+    assert names == ["checkpoint-4", "checkpoint-6"]
+    state = json.loads((tmp_path / "run" / "checkpoint-6" / TRAINING_STATE_NAME).read_text())
+    assert state["global_step"] == 6 and state["epoch"] == 2 and state["batches_done_in_epoch"] == 0
+
+
+def test_two_processes_split_the_batch_and_only_the_main_one_logs_and_saves(tiny_dataset_dir, tmp_path):
+    # Accelerate's multi-process launcher, on CPU processes that talk over gloo.
+    launcher = (
+        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+        "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "29517",
+    )
+    result = run_train(
+        tiny_dataset_dir, tmp_path / "run", "--max_train_steps", "3", "--train_batch_size", "4",
+        "--checkpointing_steps", "3", launcher=launcher, environment={"ACCELERATE_USE_CPU": "1"},
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    run = tmp_path / "run"
+    log = (run / "training.log").read_text()
+    # 24 images at 2 x 4 per step: 3 steps make one epoch, and one evaluation logged once.
+    assert "2 process(es) x batch 4" in log and "3 per epoch" in log
+    assert log.count("Evaluation at step 3") == 1
+    assert [record["step"] for record in json.loads((run / "metrics.json").read_text())] == [3]
+    checkpoint = run / "checkpoint-3"
+    assert (checkpoint / "random_states_0.pkl").is_file() and (checkpoint / "random_states_1.pkl").is_file()
+    assert not any(path.name.endswith(".tmp") for path in run.iterdir())
+    model = EngravingModel.from_pretrained(run / "model")
+    assert len(model.generate(seeds=[3]).captions) == 1
