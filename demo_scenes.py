@@ -99,6 +99,14 @@ def hatch_pattern(width, angles, spacing, line_width):
     return Image.fromarray(ink.astype(np.uint8) * 255)
 
 
+@lru_cache(maxsize=8)
+def frame_interior(width, margin):
+    """A white square mask inside the plate margin."""
+    mask = Image.new("L", (width, width), 0)
+    ImageDraw.Draw(mask).rectangle((margin, margin, width - margin, width - margin), fill=255)
+    return mask
+
+
 class Plate:
     """An ink layer at supersampled resolution: 255 is ink, 0 is bare paper."""
 
@@ -149,7 +157,7 @@ class Plate:
 def draw_sky(plate, scene, horizon):
     """Horizontal engraved lines, denser towards the top, cross-hatched in a storm and at night."""
     night = scene.sky_object in ("moon", "crescent")
-    rows = {"clear": 0.45, "cloudy": 0.7, "stormy": 1.0}[scene.weather] + (0.3 if night else 0.0)
+    rows = {"clear": 0.35, "cloudy": 0.6, "stormy": 1.0}[scene.weather] + (0.3 if night else 0.0)
     y, gap = plate.spacing * 0.6, plate.spacing * 0.7
     while y < horizon * min(1.0, rows):
         plate.wavy_line(0, plate.width, y, plate.line * 0.4, plate.width / 3, phase=y)
@@ -235,11 +243,7 @@ def draw_sea(plate, scene, horizon):
         y += gap
         gap *= 1.08 if state != "stormy" else 1.03
     if state == "stormy":
-        rng = plate.rng
-        for _ in range(5):
-            cx, cy = rng.uniform(0, plate.width), rng.uniform(horizon + plate.spacing * 2, plate.width * 0.95)
-            w, h = plate.px(rng.uniform(0.08, 0.14)), plate.px(rng.uniform(0.04, 0.07))
-            plate.shape("polygon", [(cx - w, cy), (cx - w * 0.2, cy - h), (cx + w * 0.1, cy - h * 0.7), (cx + w, cy)], 4)
+        plate.ink.paste(255, mask=ImageChops.multiply(mask, plate.tone(2)))
 
 
 def draw_land(plate, horizon):
@@ -457,13 +461,7 @@ def render_scene(seed: int, image_size: int):
         draw_birds(plate, horizon, subject_x)
 
     margin = plate.px(0.03)
-    plate.paint(ImageChops.invert(_frame_interior(plate.width, margin)), 0)
+    plate.paint(ImageChops.invert(frame_interior(plate.width, margin)), 0)
     plate.draw.rectangle((margin, margin, plate.width - margin, plate.width - margin), outline=255, width=plate.line)
     return ink_on_paper(plate.ink, image_size, rng), scene.caption
 
-
-@lru_cache(maxsize=8)
-def _frame_interior(width, margin):
-    mask = Image.new("L", (width, width), 0)
-    ImageDraw.Draw(mask).rectangle((margin, margin, width - margin, width - margin), fill=255)
-    return mask
