@@ -1,0 +1,56 @@
+"""export_onnx.py: onnxruntime runs the exported graphs as PyTorch runs the model, at any batch size and length."""
+
+import numpy as np
+import pytest
+import torch
+
+import export_onnx
+from modeling_engraving import pixel_values_to_images
+
+
+@pytest.fixture(scope="module")
+def onnx_dir(tiny_model_dir, tmp_path_factory):
+    output_dir = tmp_path_factory.mktemp("onnx")
+    export_onnx.main(["--model", str(tiny_model_dir), "--output_dir", str(output_dir)])
+    return output_dir
+
+
+def session(path):
+    import onnxruntime
+
+    return onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+
+
+def test_each_graph_matches_pytorch_at_a_new_batch_size_and_length(onnx_dir, tiny_model):
+    generator = torch.Generator().manual_seed(1)
+    noise = torch.randn(3, tiny_model.config.latent_size, generator=generator)
+    input_ids = torch.randint(3, tiny_model.config.vocab_size, (3, 6), generator=generator)
+    cases = {
+        "prior_sample.onnx": {"noise": noise},
+        "image_decoder.onnx": {"latents": noise},
+        "caption_decoder_step.onnx": {"latents": noise, "input_ids": input_ids},
+    }
+    modules = {name: module for name, (module, *_rest) in export_onnx.onnx_graphs(tiny_model).items()}
+    for name, inputs in cases.items():
+        assert export_onnx.onnx_difference(onnx_dir / name, modules[name], inputs) < 1e-4, name
+
+
+def test_onnx_graphs_reproduce_a_seeds_engraving_and_greedy_caption(onnx_dir, tiny_model):
+    config = tiny_model.config
+    noise = torch.randn(config.latent_size, generator=torch.Generator().manual_seed(11))[None].numpy()
+    (latents,) = session(onnx_dir / "prior_sample.onnx").run(None, {"noise": noise})
+    (pixel_values,) = session(onnx_dir / "image_decoder.onnx").run(None, {"latents": latents})
+    caption_step = session(onnx_dir / "caption_decoder_step.onnx")
+    input_ids = np.array([[config.bos_token_id]])
+    while input_ids.shape[1] < config.max_caption_length and input_ids[0, -1] != config.eos_token_id:
+        (logits,) = caption_step.run(None, {"latents": latents, "input_ids": input_ids})
+        input_ids = np.concatenate([input_ids, logits.argmax(-1)[:, None]], axis=1)
+
+    expected = tiny_model.generate(seeds=[11], temperature=0.0)
+    image = pixel_values_to_images(torch.from_numpy(pixel_values))[0]
+    assert np.abs(np.asarray(image, dtype=np.int16) - np.asarray(expected.images[0], dtype=np.int16)).max() <= 1
+    assert tiny_model.tokenizer.decode(input_ids[0], skip_special_tokens=True).strip() == expected.captions[0]
+
+
+def test_the_tokenizer_and_config_are_saved_beside_the_graphs(onnx_dir):
+    assert (onnx_dir / "tokenizer.json").exists() and (onnx_dir / "config.json").exists()
