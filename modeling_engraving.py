@@ -496,7 +496,10 @@ class EngravingModel(EngravingPreTrainedModel):
             key: kwargs[key] for key in ("cache_dir", "revision", "token", "local_files_only", "subfolder") if key in kwargs
         }
         try:
-            model.tokenizer = AutoTokenizer.from_pretrained(pretrained_model_name_or_path, **hub_kwargs)
+            # The code of this repo is already running, so its config may be trusted when the tokenizer reads it.
+            model.tokenizer = AutoTokenizer.from_pretrained(
+                pretrained_model_name_or_path, trust_remote_code=True, **hub_kwargs
+            )
         except (OSError, ValueError):
             logger.warning(f"No tokenizer found with {pretrained_model_name_or_path}: pass `tokenizer=` to get captions.")
         return model
@@ -679,7 +682,9 @@ class EngravingModel(EngravingPreTrainedModel):
         self, seeds=None, num_samples=None, temperature=0.7, top_p=0.9, use_prior=True, tokenizer=None, batch_size=16
     ):
         """
-        Draws new engravings with captions. The same integer seed always gives the same image and caption.
+        Draws new engravings with captions. The same integer seed always gives the same latent and caption; its
+        image is identical for the same batch size, and across batch sizes may differ by one grey level in a few
+        pixels, because batched convolutions round differently.
 
         Args:
             seeds (`list[int]`, *optional*): one engraving per seed.

@@ -1,0 +1,194 @@
+"""The Hugging Face contract and the generative behaviour of EngravingModel."""
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+import torch
+
+from configuration_engraving import EngravingConfig
+from conftest import REPO_ROOT, shape_pairs
+from modeling_engraving import EngravingModel, images_to_pixel_values
+
+
+def image_digests(images):
+    return [hashlib.sha256(image.tobytes()).hexdigest() for image in images]
+
+
+def test_presets_have_the_documented_sizes():
+    base = EngravingModel(EngravingConfig.from_preset("base"))
+    assert 40e6 <= base.num_parameters() <= 80e6
+    assert base.config.image_size == 512 and base.config.latent_size == 1024
+    assert (base.config.text_num_layers, base.config.text_num_heads, base.config.text_hidden_size) == (3, 8, 512)
+    assert EngravingConfig.from_preset("small").image_size == 128
+    assert 32 <= EngravingConfig.from_preset("tiny").image_size <= 64
+
+
+def test_preset_fields_can_be_overridden_like_any_config():
+    config = EngravingConfig.from_preset("small", image_size=64)
+    assert config.image_size == 64 and config.latent_size == EngravingConfig.from_preset("small").latent_size
+    assert EngravingModel(config).decode_latents(torch.zeros(1, config.latent_size)).shape == (1, 3, 64, 64)
+    with pytest.raises(ValueError, match="Unknown preset"):
+        EngravingConfig.from_preset("huge")
+
+
+def test_every_loss_is_finite_and_the_total_is_their_weighted_sum(tiny_model, tiny_tokenizer):
+    images, captions = zip(*shape_pairs())
+    batch = tiny_tokenizer(list(captions), padding=True, return_tensors="pt")
+    outputs = tiny_model(images_to_pixel_values(images, 32), batch["input_ids"], batch["attention_mask"])
+    config = tiny_model.config
+    components = {
+        "loss_reconstruction": config.reconstruction_loss_weight,
+        "loss_kl": config.kl_loss_weight,
+        "loss_caption": config.caption_loss_weight,
+        "loss_contrastive": config.contrastive_loss_weight,
+        "loss_prior": config.prior_loss_weight,
+    }
+    for name in ["loss", *components]:
+        assert torch.isfinite(outputs[name]), name
+    # The prior's loss draws fresh noise, so compare against the rest of the sum.
+    weighted = sum(weight * outputs[name] for name, weight in components.items())
+    assert torch.allclose(outputs.loss, weighted, rtol=1e-5)
+    assert outputs.reconstructions.shape == (8, 3, 32, 32)
+
+
+def test_same_seed_gives_same_engraving_and_caption(tiny_model):
+    first = tiny_model.generate(seeds=[7, 3])
+    second = tiny_model.generate(seeds=[7, 3])
+    assert image_digests(first.images) == image_digests(second.images)
+    assert first.captions == second.captions
+    assert torch.equal(first.latents, second.latents)
+
+
+def test_different_seeds_give_different_engravings(tiny_model):
+    outputs = tiny_model.generate(seeds=[0, 1, 2, 3])
+    assert len(set(image_digests(outputs.images))) == 4
+
+
+def test_a_batch_of_seeds_equals_the_same_seeds_one_by_one(tiny_model):
+    seeds = [3, 11, 42, 1000]
+    batched = tiny_model.generate(seeds=seeds, temperature=1.0)
+    single = [tiny_model.generate(seeds=[seed], temperature=1.0) for seed in seeds]
+    assert batched.captions == [output.captions[0] for output in single]
+    assert torch.equal(batched.latents, torch.cat([output.latents for output in single]))
+    for image, output in zip(batched.images, single):
+        difference = (torch.tensor(np.asarray(image), dtype=torch.int16) - torch.tensor(np.asarray(output.images[0]))).abs()
+        # Batched convolutions may round a few pixels to the neighbouring grey level.
+        assert difference.max() <= 1 and (difference > 0).float().mean() < 0.01
+
+
+def test_no_prior_flag_decodes_the_seed_noise_itself(tiny_config, tiny_tokenizer):
+    model = EngravingModel(tiny_config).eval()
+    model.tokenizer = tiny_tokenizer
+    model.update_latent_statistics(3.0 * torch.randn(64, tiny_config.latent_size) + 1.0, momentum=1.0)
+    with_prior = model.generate(seeds=[5])
+    without_prior = model.generate(seeds=[5], use_prior=False)
+    noise = torch.randn(tiny_config.latent_size, generator=torch.Generator().manual_seed(5))
+    assert torch.equal(without_prior.latents[0], noise)
+    assert not torch.allclose(with_prior.latents[0], noise)
+
+
+def test_public_methods_speak_in_images_and_strings(tiny_model):
+    generated = tiny_model.generate(num_samples=2)
+    assert len(generated.images) == len(generated.captions) == len(generated.seeds) == 2
+    assert all(isinstance(caption, str) for caption in generated.captions)
+    assert len(tiny_model.caption(generated.images[0])) == 1
+    imagined = tiny_model.imagine(["An engraving depicting a circle on the left", "a ship"])
+    assert [image.size for image in imagined.images] == [(32, 32)] * 2
+    walk = tiny_model.interpolate(0, 1, steps=5)
+    assert len(walk.images) == len(walk.captions) == 5
+    endpoints = tiny_model.generate(seeds=[0, 1]).latents
+    assert torch.allclose(walk.latents[[0, -1]], endpoints, atol=1e-4)
+    with pytest.raises(ValueError, match="tokenizer"):
+        EngravingModel(tiny_model.config).generate(seeds=[0])
+
+
+def test_tiny_model_overfits_eight_pairs_and_captions_them(tiny_config, tiny_tokenizer):
+    torch.manual_seed(0)
+    model = EngravingModel(tiny_config)
+    model.tokenizer = tiny_tokenizer
+    images, captions = zip(*shape_pairs())
+    pixel_values = images_to_pixel_values(images, tiny_config.image_size)
+    batch = tiny_tokenizer(list(captions), padding=True, return_tensors="pt")
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    history = []
+    for _ in range(200):
+        outputs = model(pixel_values, batch["input_ids"], batch["attention_mask"])
+        optimizer.zero_grad()
+        outputs.loss.backward()
+        optimizer.step()
+        history.append((outputs.loss_reconstruction.item(), outputs.loss_caption.item()))
+    model.eval()
+    (first_reconstruction, first_caption), (last_reconstruction, last_caption) = history[0], history[-1]
+    assert last_reconstruction < first_reconstruction / 5
+    assert last_caption < first_caption / 20
+    assert model.caption(list(images)) == list(captions)
+
+
+def test_prior_matches_a_toy_latent_distribution_far_better_than_plain_noise(tiny_config):
+    torch.manual_seed(0)
+    model = EngravingModel(tiny_config)
+    size = tiny_config.latent_size
+    mixing = torch.randn(size, size) / size**0.5
+    toy_mean = torch.linspace(-2.0, 2.0, size)
+    toy_latents = torch.randn(4096, size) @ (2.0 * mixing) + toy_mean
+    model.fit_prior(toy_latents, num_steps=400, batch_size=256, learning_rate=3e-3)
+    model.eval()
+    seeds = list(range(1000))
+    sampled = model.sample_latents(seeds)
+    plain = model.sample_latents(seeds, use_prior=False)
+    toy_covariance = torch.cov(toy_latents.T)
+
+    def error(samples):
+        return (samples.mean(0) - toy_mean).norm() + (torch.cov(samples.T) - toy_covariance).norm()
+
+    assert error(sampled) < 0.2 * error(plain)
+
+
+def test_save_and_load_in_a_fresh_process_gives_identical_outputs(tiny_model, tiny_model_dir, tmp_path):
+    config = json.loads((tiny_model_dir / "config.json").read_text())
+    assert config["auto_map"]["AutoModel"] == "modeling_engraving.EngravingModel"
+    assert (tiny_model_dir / "model.safetensors").exists()
+    assert (tiny_model_dir / "modeling_engraving.py").exists() and (tiny_model_dir / "configuration_engraving.py").exists()
+
+    expected = tiny_model.generate(seeds=[0, 1])
+    script = textwrap.dedent(
+        f"""
+        import hashlib, json
+        from transformers import AutoModel, AutoTokenizer
+        model = AutoModel.from_pretrained({str(tiny_model_dir)!r}, trust_remote_code=True).eval()
+        tokenizer = AutoTokenizer.from_pretrained({str(tiny_model_dir)!r}, trust_remote_code=True)
+        outputs = model.generate(seeds=[0, 1], tokenizer=tokenizer)
+        print(json.dumps({{
+            "class": type(model).__name__,
+            "digests": [hashlib.sha256(image.tobytes()).hexdigest() for image in outputs.images],
+            "captions": outputs.captions,
+            "ids": tokenizer("An engraving depicting a circle on the left")["input_ids"],
+            "latent_mean": model.latent_mean.tolist(),
+        }}))
+        """
+    )
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env.update(HF_HUB_OFFLINE="1", HF_HOME=str(tmp_path / "hf_home"))
+    result = subprocess.run(
+        [sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300
+    )
+    assert result.returncode == 0, result.stderr
+    loaded = json.loads(result.stdout.strip().splitlines()[-1])
+    assert loaded["class"] == "EngravingModel"
+    assert loaded["digests"] == image_digests(expected.images)
+    assert loaded["captions"] == expected.captions
+    assert loaded["ids"] == tiny_model.tokenizer("An engraving depicting a circle on the left")["input_ids"]
+    assert loaded["latent_mean"] == tiny_model.latent_mean.tolist()
+
+
+def test_loaded_model_carries_its_tokenizer(tiny_model_dir):
+    model = EngravingModel.from_pretrained(tiny_model_dir)
+    assert model.tokenizer is not None
+    assert len(model.generate(seeds=[0]).captions) == 1
+    assert str(REPO_ROOT) in sys.path
