@@ -1,0 +1,334 @@
+"""
+Evaluates a trained Engraving model on a held-out split and writes `report.json` and `report.md`:
+
+- sample quality: FID and KID of seed samples against the real split's images in frozen ImageNet features, and the
+  high-frequency energy of the samples relative to the real images (1 = as much fine line work);
+- reconstruction: PSNR and SSIM of the autoencoder on the split's images;
+- captions: well-formed share, distinct-1/2 and verbatim copies of the training captions, BLEU-4 of `caption(image)`;
+- image-caption correspondence: retrieval R@1/R@5 with the model's own alignment embeddings, and, for generated pairs,
+  a model-free agreement: MiniLM similarity of each caption to the captions of its image's nearest training images;
+- memorisation: each sample's distance to its nearest training image, and the share of near-copies;
+
+each sample metric for prior sampling and again for the `--no_prior` baseline (N(0, I) noise decoded directly).
+
+    python evaluate_model.py --model ./engraving-small --dataset_path ./prepared/dataset --num_samples 200 --output_dir ./eval
+"""
+
+import argparse
+import json
+import logging
+import math
+import time
+from pathlib import Path
+
+import evaluate
+import numpy as np
+import torch
+from datasets import DatasetDict, load_from_disk
+from tqdm.auto import tqdm
+
+from engraving_features import ImageFeatureExtractor, SentenceEmbedder, cosine_nearest_neighbours
+from modeling_engraving import EngravingModel, images_to_pixel_values, pixel_values_to_images, resize_and_pad
+
+
+logger = logging.getLogger(__name__)
+METRICS_DIR = Path(__file__).resolve().parent / "metrics"
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description="Evaluate an Engraving model: sample quality, captions, alignment, memorisation.")
+
+    group = parser.add_argument_group("model and data")
+    group.add_argument("--model", required=True, help="Folder of a model saved with `save_pretrained` (with its tokenizer).")
+    group.add_argument(
+        "--dataset_path",
+        required=True,
+        help="A DatasetDict saved with `save_to_disk` (columns `image`, `caption`), or the folder holding it as `dataset/`.",
+    )
+    group.add_argument("--split", default="validation", help="Held-out split of real engravings to compare against.")
+    group.add_argument("--train_split", default="train", help="Training split, for memorisation and copied captions.")
+    group.add_argument(
+        "--max_eval_images", type=int, default=None, help="Use at most this many images of `--split` (default: all)."
+    )
+    group.add_argument(
+        "--max_train_images",
+        type=int,
+        default=500,
+        help="Training images featurised for nearest neighbours and memorisation (0: all; every caption is always used).",
+    )
+
+    group = parser.add_argument_group("sampling")
+    group.add_argument("--num_samples", type=int, default=200, help="Engravings drawn per sampling row (prior, no prior).")
+    group.add_argument("--seed", type=int, default=0, help="Samples use seeds seed, seed + 1, ...; also seeds subsets.")
+    group.add_argument("--temperature", type=float, default=0.7, help="Caption sampling temperature of `generate`.")
+    group.add_argument("--top_p", type=float, default=0.9, help="Caption nucleus of `generate`.")
+    group.add_argument("--batch_size", type=int, default=32, help="Batch size of the model and of the feature extractor.")
+
+    group = parser.add_argument_group("metrics")
+    group.add_argument("--kid_subset_size", type=int, default=100, help="Rows per KID subset (fewer if fewer samples).")
+    group.add_argument("--kid_num_subsets", type=int, default=100, help="KID subsets averaged.")
+    group.add_argument("--num_neighbours", type=int, default=5, help="Nearest training images whose captions judge a sample's caption.")
+    group.add_argument(
+        "--near_copy_quantile",
+        type=float,
+        default=0.01,
+        help="A sample is a near-copy if its nearest-training distance is at most this quantile of training-to-training nearest distances.",
+    )
+    group.add_argument(
+        "--feature_extractor",
+        choices=["auto", "efficientnet-lite0"],
+        default="auto",
+        help="`auto`: torchmetrics' Inception if it and its weights are installed, else EfficientNet-Lite0.",
+    )
+
+    group = parser.add_argument_group("output")
+    group.add_argument("--output_dir", default="evaluation", help="Where report.json and report.md are written.")
+    group.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="Torch device.")
+
+    args = parser.parse_args(argv)
+    if args.num_samples < 2:
+        parser.error("--num_samples must be at least 2: FID and KID compare sets.")
+    return args
+
+
+def load_model(path, device):
+    """The model and its tokenizer from a `save_pretrained` folder, in eval mode."""
+    if not (Path(path) / "config.json").is_file():
+        raise SystemExit(f"--model {path} is not a folder saved with `save_pretrained` (no config.json there).")
+    model = EngravingModel.from_pretrained(path).to(device).eval()
+    if model.tokenizer is None:
+        raise SystemExit(f"--model {path} has no tokenizer files; save the model together with its tokenizer.")
+    return model
+
+
+def load_splits(path, split, train_split):
+    """The held-out and training splits of the DatasetDict at `path` or at `path/dataset`."""
+    path = Path(path)
+    folder = next((p for p in (path, path / "dataset") if (p / "dataset_dict.json").is_file()), None)
+    if folder is None:
+        raise SystemExit(f"--dataset_path {path} holds no DatasetDict saved with `save_to_disk` (nor does {path / 'dataset'}).")
+    splits = load_from_disk(str(folder))
+    if not isinstance(splits, DatasetDict):
+        raise SystemExit(f"--dataset_path {folder} is a single Dataset; pass a DatasetDict with `{split}` and `{train_split}` splits.")
+    for name in (split, train_split):
+        if name not in splits:
+            raise SystemExit(f"The dataset at {folder} has no `{name}` split (it has {sorted(splits)}).")
+        missing = {"image", "caption"} - set(splits[name].column_names)
+        if missing:
+            raise SystemExit(f"The `{name}` split at {folder} lacks the column(s) {sorted(missing)}.")
+    return splits[split], splits[train_split]
+
+
+def take(dataset, limit, seed):
+    """A seeded random subset of at most `limit` rows (all rows for `None` or 0)."""
+    if not limit or limit >= len(dataset):
+        return dataset
+    return dataset.shuffle(seed=seed).select(range(limit))
+
+
+def model_view(dataset, image_size):
+    """The split's images as the model sees them (fitted into `image_size` squares) and their captions."""
+    images = [resize_and_pad(image, image_size)[0] for image in tqdm(dataset["image"], desc="loading images", leave=False)]
+    return images, list(dataset["caption"])
+
+
+@torch.no_grad()
+def encode_real_split(model, images, captions, batch_size):
+    """Reconstructions (PIL), greedy captions, image latents (posterior means) and text latents of real pairs."""
+    reconstructions, predicted_captions, image_latents, text_latents = [], [], [], []
+    for start in tqdm(range(0, len(images), batch_size), desc="reconstructing and captioning", leave=False):
+        chunk_images, chunk_captions = images[start : start + batch_size], captions[start : start + batch_size]
+        pixel_values = images_to_pixel_values(chunk_images, model.config.image_size).to(model.device)
+        latents = model.encode_images(pixel_values)
+        reconstructions += pixel_values_to_images(model.decode_latents(latents))
+        predicted_captions += model.caption(chunk_images)
+        image_latents.append(latents.float().cpu())
+        text_latents.append(model.encode_text(*model._tokenize(chunk_captions, model.tokenizer)).float().cpu())
+    return reconstructions, predicted_captions, torch.cat(image_latents), torch.cat(text_latents)
+
+
+def nearest_distances(features, bank_features):
+    """Cosine distance of each row of `features` to its nearest row of `bank_features`, `(N,)`."""
+    return cosine_nearest_neighbours(features, bank_features, k=1)[0][:, 0]
+
+
+def near_copy_threshold(train_features, quantile):
+    """The `quantile` of training images' distances to their nearest other training image: closer than real pairs."""
+    distances = cosine_nearest_neighbours(train_features, train_features, k=1, exclude_self=True)[0][:, 0]
+    return torch.quantile(distances, quantile).item()
+
+
+def memorisation(features, train_features, threshold):
+    distances = nearest_distances(features, train_features)
+    return {
+        "nearest_train_distance_mean": distances.mean().item(),
+        "nearest_train_distance_median": distances.median().item(),
+        "near_copy_share": (distances <= threshold).float().mean().item(),
+    }
+
+
+def caption_neighbour_agreement(caption_embeddings, features, train_features, train_caption_embeddings, k, seed):
+    """
+    MiniLM cosine similarity of each caption to the captions of its image's `k` nearest training images, averaged;
+    the same with each caption paired with another sample's image (a derangement); and their difference.
+    """
+    neighbours = cosine_nearest_neighbours(features, train_features, k=k)[1]
+    neighbour_embeddings = train_caption_embeddings[neighbours]
+    order = torch.randperm(len(features), generator=torch.Generator().manual_seed(seed))
+    partner = torch.empty_like(order)
+    partner[order] = order.roll(1)
+    matched = torch.einsum("nd,nkd->nk", caption_embeddings, neighbour_embeddings).mean().item()
+    shuffled = torch.einsum("nd,nkd->nk", caption_embeddings[partner], neighbour_embeddings).mean().item()
+    return {"caption_agreement": matched, "caption_agreement_shuffled": shuffled, "caption_agreement_gain": matched - shuffled}
+
+
+def evaluate_samples(samples, context, metrics, args):
+    """Every sample metric of one sampling row: distribution distances, detail, captions, agreement, memorisation."""
+    features = context["extractor"](samples.images, description="sample features")
+    kid = metrics["kid"].compute(
+        predictions=features.numpy(),
+        real_features=context["real_features"].numpy(),
+        subset_size=args.kid_subset_size,
+        num_subsets=args.kid_num_subsets,
+        seed=args.seed,
+    )
+    high_frequency = metrics["high_frequency_energy"].compute(predictions=samples.images)["high_frequency_share"]
+    captions = metrics["caption_quality"].compute(predictions=samples.captions, training_captions=context["train_captions"])
+    agreement = caption_neighbour_agreement(
+        context["embedder"](samples.captions),
+        features,
+        context["train_features"],
+        context["train_caption_embeddings"],
+        args.num_neighbours,
+        args.seed,
+    )
+    return {
+        "fid": metrics["fid"].compute(predictions=features.numpy(), real_features=context["real_features"].numpy())["fid"],
+        "kid": kid["kid"],
+        "kid_std": kid["kid_std"],
+        "kid_x1000": kid["kid_x1000"],
+        "high_frequency_share": high_frequency,
+        "high_frequency_ratio": high_frequency / max(context["real_high_frequency_share"], 1e-12),
+        **{f"caption_{key}": value for key, value in captions.items()},
+        **agreement,
+        **memorisation(features, context["train_features"], context["near_copy_threshold"]),
+        "example_captions": samples.captions[:5],
+    }
+
+
+def format_value(value):
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return str(value)
+
+
+def render_markdown(report):
+    """A human-readable report: setup, one table per section, and the sampling rows side by side."""
+    lines = [f"# Evaluation of `{report['model']}`", ""]
+    lines += [f"- **{key}**: {format_value(report[key])}" for key in ("dataset", "split", "num_eval_images", "num_train_images_featurised", "num_samples", "feature_extractor", "device", "elapsed_seconds")]
+    for section in ("real_reference", "reconstruction", "validation_captions", "retrieval"):
+        lines += ["", f"## {section.replace('_', ' ').capitalize()}", "", "| metric | value |", "| --- | --- |"]
+        lines += [f"| {key} | {format_value(value)} |" for key, value in report[section].items() if key != "example_captions"]
+    rows = report["sampling"]
+    names = list(rows)
+    lines += ["", "## Sampling", "", "| metric | " + " | ".join(names) + " |", "| --- |" + " --- |" * len(names)]
+    for key in rows[names[0]]:
+        if key != "example_captions":
+            lines.append(f"| {key} | " + " | ".join(format_value(rows[name][key]) for name in names) + " |")
+    for name in names:
+        lines += ["", f"Example captions ({name}):", ""] + [f"- {caption}" for caption in rows[name]["example_captions"]]
+    return "\n".join(lines) + "\n"
+
+
+def assert_finite(report):
+    """Fails loudly if a metric came out NaN or infinite, rather than writing a report that hides it."""
+    def walk(prefix, value):
+        if isinstance(value, dict):
+            for key, item in value.items():
+                walk(f"{prefix}.{key}" if prefix else key, item)
+        elif isinstance(value, float) and not math.isfinite(value):
+            raise ValueError(f"Metric {prefix} is {value}.")
+
+    walk("", report)
+
+
+def main(args):
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(message)s", level=logging.INFO)
+    started = time.perf_counter()
+    torch.manual_seed(args.seed)
+    output_dir = Path(args.output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+
+    model = load_model(args.model, args.device)
+    eval_split, train_split = load_splits(args.dataset_path, args.split, args.train_split)
+    eval_split = take(eval_split, args.max_eval_images, args.seed)
+    real_images, real_captions = model_view(eval_split, model.config.image_size)
+    train_captions = list(train_split["caption"])
+    train_bank_images, train_bank_captions = model_view(take(train_split, args.max_train_images, args.seed), model.config.image_size)
+    logger.info(f"{len(real_images)} `{args.split}` images, {len(train_bank_images)} of {len(train_captions)} training images featurised.")
+
+    metrics = {name: evaluate.load(str(METRICS_DIR / name)) for name in ("kid", "fid", "bleu", "caption_quality", "retrieval", "reconstruction", "high_frequency_energy")}
+    extractor = ImageFeatureExtractor(args.device, args.batch_size, prefer_inception=args.feature_extractor == "auto")
+    embedder = SentenceEmbedder(args.device)
+    logger.info(f"Image features: {extractor.name}.")
+
+    context = {
+        "extractor": extractor,
+        "embedder": embedder,
+        "real_features": extractor(real_images, description="real features"),
+        "train_features": extractor(train_bank_images, description="training features"),
+        "train_captions": train_captions,
+        "train_caption_embeddings": embedder(train_bank_captions),
+        "real_high_frequency_share": metrics["high_frequency_energy"].compute(predictions=real_images)["high_frequency_share"],
+    }
+    context["near_copy_threshold"] = near_copy_threshold(context["train_features"], args.near_copy_quantile)
+    real_reference = {
+        "high_frequency_share": context["real_high_frequency_share"],
+        "near_copy_threshold": context["near_copy_threshold"],
+        **memorisation(context["real_features"], context["train_features"], context["near_copy_threshold"]),
+    }
+
+    reconstructions, predicted_captions, image_latents, text_latents = encode_real_split(model, real_images, real_captions, args.batch_size)
+    validation_captions = {
+        "bleu": metrics["bleu"].compute(predictions=predicted_captions, references=[[caption] for caption in real_captions])["bleu"],
+        **metrics["caption_quality"].compute(predictions=predicted_captions, training_captions=train_captions),
+        "example_captions": predicted_captions[:5],
+    }
+
+    sampling = {}
+    seeds = list(range(args.seed, args.seed + args.num_samples))
+    for name, use_prior in (("prior", True), ("no_prior", False)):
+        logger.info(f"Sampling {args.num_samples} engravings ({name}).")
+        samples = model.generate(
+            seeds=seeds, temperature=args.temperature, top_p=args.top_p, use_prior=use_prior, batch_size=args.batch_size
+        )
+        sampling[name] = evaluate_samples(samples, context, metrics, args)
+
+    report = {
+        "model": str(args.model),
+        "dataset": str(args.dataset_path),
+        "split": args.split,
+        "num_eval_images": len(real_images),
+        "num_train_images_featurised": len(train_bank_images),
+        "num_samples": args.num_samples,
+        "feature_extractor": extractor.name,
+        "device": args.device,
+        "real_reference": real_reference,
+        "reconstruction": metrics["reconstruction"].compute(predictions=reconstructions, references=real_images),
+        "validation_captions": validation_captions,
+        "retrieval": metrics["retrieval"].compute(predictions=image_latents.numpy(), references=text_latents.numpy()),
+        "sampling": sampling,
+        "elapsed_seconds": round(time.perf_counter() - started, 1),
+    }
+    assert_finite(report)
+    (output_dir / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+    (output_dir / "report.md").write_text(render_markdown(report))
+    logger.info(
+        f"Wrote {output_dir / 'report.json'} in {report['elapsed_seconds']} s: KID x1000 prior "
+        f"{sampling['prior']['kid_x1000']:.1f}, no prior {sampling['no_prior']['kid_x1000']:.1f}."
+    )
+    return report
+
+
+if __name__ == "__main__":
+    main(parse_args())
