@@ -50,7 +50,7 @@ def source(tmp_path_factory):
     paintings.mkdir(parents=True)
 
     engraving(1).save(engravings / "plain.jpg", quality=95)
-    engraving(2, aspect=2.0).save(engravings / "wide.png")
+    engraving(2, size=256, aspect=2.0).save(engravings / "wide.png")
     engraving(3).convert("P", palette=Image.Palette.ADAPTIVE).save(engravings / "palette.png")
     rgba = engraving(4).convert("RGBA")
     rgba.putalpha(Image.new("L", rgba.size, 0).resize(rgba.size))
@@ -66,7 +66,7 @@ def source(tmp_path_factory):
     engraving(8).save(paintings / "painting.png")
 
     (engravings / "plain_copy.jpg").write_bytes((engravings / "plain.jpg").read_bytes())
-    engraving(2, aspect=2.0).resize((90, 45)).save(engravings / "wide_resaved.jpg", quality=90)
+    engraving(2, size=256, aspect=2.0).resize((230, 115)).save(engravings / "wide_resaved.jpg", quality=90)
 
     (engravings / "empty.jpg").write_bytes(b"")
     (engravings / "text.png").write_text("this is not an image")
@@ -130,8 +130,8 @@ def test_every_file_is_accounted_for_in_the_report(prepared):
     assert report["kept"] == 8
     assert report["kept"] + len(report["skipped"]) == report["total_files"]
     assert sorted(Path(p).name for p in report["ignored_non_image_files"]) == ["metadata.csv", "notes.txt"]
-    images = sorted(p.name for split in ("train", "validation") for p in (prepared / split).glob("*.png"))
-    assert len(images) == report["kept"]
+    images = [p.name for split in ("train", "validation") for p in (prepared / split).iterdir()]
+    assert len(images) == report["kept"] + 2, "one image per kept file, plus a metadata.jsonl per split"
 
 
 def test_include_class_keeps_only_files_under_that_folder(source, tmp_path):
