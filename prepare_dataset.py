@@ -137,7 +137,7 @@ def offline_reason(host):
 
 
 def download_kaggle(handle):
-    """Downloads a Kaggle dataset with kagglehub (credentials from KAGGLE_USERNAME/KAGGLE_KEY) and returns its folder."""
+    """Downloads a Kaggle dataset with kagglehub (credentials from the environment) and returns its folder."""
     parsed = parse_dataset_handle(handle)
     if parsed.is_versioned() and Cache().load_from_cache(parsed):
         return kagglehub.dataset_download(handle)
@@ -223,10 +223,13 @@ def metadata_row(table, relative):
 
 
 def clean_text(text):
-    """Collapses whitespace and strips surrounding quotes and a trailing full stop."""
-    text = re.sub(r"\s+", " ", str(text or "")).strip()
-    text = text.strip("\"'“”‘’«» ").rstrip(".").strip()
-    return text
+    """
+    Collapses whitespace, drops double quotes (titles quote dialogue, often unbalanced), strips single quotes and a
+    full stop at the ends, and undoes title-casing after apostrophes ("Wasn’T" becomes "Wasn’t").
+    """
+    text = re.sub(r"[\"“”«»]", "", str(text or ""))
+    text = re.sub(r"\s+", " ", text).strip(" '‘’").rstrip(".").strip()
+    return re.sub(r"(?<=\w[’'])([A-Z])\b", lambda m: m.group(1).lower(), text)
 
 
 def lowercase_article(text):
@@ -463,7 +466,9 @@ def caption_with_blip2(records, image_dir, args):
     todo = [record for record in records if record["sha256"] not in cache]
     if todo:
         device = "cuda" if torch.cuda.is_available() else "cpu"
-        dtype = (torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16) if device == "cuda" else torch.float32
+        dtype = torch.float32
+        if device == "cuda":
+            dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
         try:
             processor = Blip2Processor.from_pretrained(args.captioner_model)
             model = Blip2ForConditionalGeneration.from_pretrained(args.captioner_model, dtype=dtype).to(device).eval()
@@ -515,7 +520,8 @@ def compute_stats(records, image_size):
         "aspect_ratio": distribution(widths / heights),
         "channel_mean": [round(v, 3) for v in mean.tolist()],
         "channel_std": [round(v, 3) for v in np.sqrt(total_sq / pixels - mean**2).tolist()],
-        "ink_coverage": {**distribution(coverage), "definition": f"fraction of picture pixels with luminance < {INK_LUMINANCE}"},
+        "ink_coverage": {**distribution(coverage),
+                         "definition": f"fraction of picture pixels with luminance < {INK_LUMINANCE}"},
     }
 
 
@@ -581,7 +587,9 @@ def build_dataset_dict(output_dir, splits):
 
 def write_dataset_card(path, args, stats, report, splits, captioner_note):
     license_id = args.license or ("cc0-1.0" if args.source == "demo" else "unknown")
-    skipped = "\n".join(f"| {reason} | {count} |" for reason, count in report["skipped_by_reason"].items()) or "| none | 0 |"
+    reasons = report["skipped_by_reason"].items()
+    skipped = "\n".join(f"| {reason} | {count} |" for reason, count in reasons) or "| none | 0 |"
+    width, height = stats["original_width"], stats["original_height"]
     card = f"""---
 license: {license_id}
 task_categories:
@@ -611,9 +619,11 @@ tags:
 | sha256 | SHA-256 of the source file (of the rendered pixels for the demo source) |
 
 ## Statistics
-- Original width: median {stats['original_width']['median']:.0f} px (range {stats['original_width']['min']:.0f}-{stats['original_width']['max']:.0f}); height: median {stats['original_height']['median']:.0f} px (range {stats['original_height']['min']:.0f}-{stats['original_height']['max']:.0f}).
+- Original width: median {width['median']:.0f} px (range {width['min']:.0f}-{width['max']:.0f});
+  height: median {height['median']:.0f} px (range {height['min']:.0f}-{height['max']:.0f}).
 - Per-channel mean (RGB, 0-255): {stats['channel_mean']}; std: {stats['channel_std']}.
-- Ink coverage (share of picture pixels with luminance below {INK_LUMINANCE}): median {stats['ink_coverage']['median']:.3f}.
+- Ink coverage (share of picture pixels with luminance below {INK_LUMINANCE}):
+  median {stats['ink_coverage']['median']:.3f}.
 
 ## How it was made
 Made with `prepare_dataset.py --source {args.source} --captioner {args.captioner} --image_size {args.image_size}`.
@@ -631,7 +641,7 @@ images with the smallest SHA-256, so it is deterministic.
 
 
 def hub_upload_plan(dataset_dict):
-    """The files a push uploads: the card and Parquet shards of at most 500 MiB, as {path in repo: split, shard, count}."""
+    """The files a push uploads, `{path in the repo: (split, shard index, shard count) or None for the card}`."""
     plan = {"README.md": None}
     for split, part in dataset_dict.items():
         num_shards = max(1, math.ceil(part.data.nbytes / MAX_SHARD_BYTES))

@@ -196,6 +196,8 @@ def test_jsonl_imagefolder_and_datasetdict_agree(prepared):
 def test_metadata_captions_use_the_title_then_the_book_then_the_description(prepared):
     caption = prepare_dataset.metadata_caption
     assert caption({"title": '  "The   Knight of La Mancha." '}) == "An engraving depicting the Knight of La Mancha"
+    assert caption({"title": 'Moses and the “Bulrushers"'}) == "An engraving depicting Moses and the Bulrushers"
+    assert caption({"title": "I Knew I Wasn’T Mistaken"}) == "An engraving depicting I Knew I Wasn’t Mistaken"
     assert caption({"title": "", "source": "dore_quixote"}) == "An engraving from Don Quixote"
     assert caption({"source": "my_old_book"}) == "An engraving from My Old Book"
     assert caption({"description": "A quiet harbour at dusk."}) == "An engraving depicting a quiet harbour at dusk"
