@@ -403,7 +403,7 @@ def draw_birds(plate, horizon, subject_x):
     cx, cy = plate.px(0.35 if subject_x > 0.5 else 0.65), horizon * rng.uniform(0.3, 0.5)
     for _ in range(rng.randint(3, 6)):
         x, y = cx + rng.uniform(-1, 1) * plate.px(0.12), cy + rng.uniform(-1, 1) * plate.px(0.07)
-        s = plate.px(rng.uniform(0.015, 0.025))
+        s = plate.px(rng.uniform(0.025, 0.04))
         plate.draw.line(((x - s, y - s * 0.5), (x - s * 0.4, y - s * 0.6), (x, y), (x + s * 0.4, y - s * 0.6),
                          (x + s, y - s * 0.5)), fill=255, width=plate.line, joint="curve")
 
@@ -441,8 +441,8 @@ def render_scene(seed: int, image_size: int):
     subject_x = POSITIONS[scene.position] + rng.uniform(-0.04, 0.04)
 
     draw_sky(plate, scene, horizon)
-    draw_sky_object(plate, scene, horizon, subject_x)
     draw_clouds(plate, scene, horizon)
+    draw_sky_object(plate, scene, horizon, subject_x)
     if scene.ground == "sea":
         draw_sea(plate, scene, horizon)
     else:
