@@ -167,10 +167,11 @@ def download_hub_dataset(repo_id, folder):
                 raise UserError(f"hf:{repo_id} has no Image column; pass an image dataset.")
             part = part.cast_column(image_column, ImageFeature(decode=False))
             text_columns = [name for name, f in part.features.items() if getattr(f, "dtype", None) == "string"]
+            os.makedirs(os.path.join(folder, split), exist_ok=True)
             for index, example in enumerate(tqdm(part, desc=f"Writing hf:{repo_id} {split}")):
-                file_name = f"{split}/{index:06d}{Path(example[image_column]['path'] or '.png').suffix}"
-                os.makedirs(os.path.join(folder, split), exist_ok=True)
-                Path(folder, file_name).write_bytes(example[image_column]["bytes"])
+                image = example[image_column]
+                file_name = f"{split}/{index:06d}{Path(image['path'] or '.png').suffix}"
+                Path(folder, file_name).write_bytes(image["bytes"] or Path(image["path"]).read_bytes())
                 rows.write(json.dumps({"file_name": file_name, **{c: example[c] for c in text_columns}}) + "\n")
     return folder
 

@@ -313,6 +313,20 @@ def test_kaggle_source_is_read_from_the_kagglehub_cache(source, tmp_path, monkey
     assert read_json(tmp_path / "out" / "report.json")["kept"] == 2
 
 
+def test_hf_source_is_read_with_load_dataset_and_keeps_its_text_columns(tmp_path):
+    hub_copy = tmp_path / "hub_copy"
+    (hub_copy / "train").mkdir(parents=True)
+    for index in range(3):
+        engraving(20 + index).save(hub_copy / "train" / f"{index}.png")
+    rows = [{"file_name": f"{index}.png", "title": f"Plate {index}"} for index in range(3)]
+    (hub_copy / "train" / "metadata.jsonl").write_text("\n".join(json.dumps(row) for row in rows))
+    run_prepare("--source", f"hf:{hub_copy}", "--output_dir", tmp_path / "out", "--image_size", IMAGE_SIZE,
+                "--min_size", 32)
+    saved = load_from_disk(str(tmp_path / "out" / "dataset"))
+    captions = sorted(list(saved["train"]["caption"]) + list(saved["validation"]["caption"]))
+    assert captions == [f"An engraving depicting Plate {index}" for index in range(3)]
+
+
 @pytest.mark.parametrize("remote", ["kaggle:someone/art-images", "hf:someone/engravings"])
 def test_remote_sources_fail_fast_offline_with_one_sentence(remote, tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
