@@ -171,7 +171,7 @@ class EngravingResidualBlock(nn.Module):
 
 
 class EngravingAttention(nn.Module):
-    """Multi-head self-attention on `scaled_dot_product_attention`."""
+    """Multi-head self-attention on `scaled_dot_product_attention`, with an optional key/value cache for decoding."""
 
     def __init__(self, config):
         super().__init__()
@@ -179,11 +179,19 @@ class EngravingAttention(nn.Module):
         self.qkv = nn.Linear(config.text_hidden_size, 3 * config.text_hidden_size)
         self.out_proj = nn.Linear(config.text_hidden_size, config.text_hidden_size)
 
-    def forward(self, hidden_states, attention_mask=None, is_causal=False):
+    def forward(self, hidden_states, attention_mask=None, is_causal=False, cache=None):
+        """
+        `(batch, length, width)` -> `(batch, length, width)`. A `cache` dict keeps this layer's keys and values:
+        each call appends its own, and its queries attend to every cached position.
+        """
         batch, length, width = hidden_states.shape
         query, key, value = (
             self.qkv(hidden_states).view(batch, length, 3, self.num_heads, width // self.num_heads).permute(2, 0, 3, 1, 4)
         )
+        if cache is not None:
+            if "key" in cache:
+                key, value = torch.cat([cache["key"], key], dim=2), torch.cat([cache["value"], value], dim=2)
+            cache["key"], cache["value"] = key, value
         attended = F.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask, is_causal=is_causal)
         return self.out_proj(attended.transpose(1, 2).reshape(batch, length, width))
 
@@ -201,8 +209,9 @@ class EngravingTransformerLayer(nn.Module):
             nn.Linear(width, config.text_mlp_ratio * width), nn.GELU(), nn.Linear(config.text_mlp_ratio * width, width)
         )
 
-    def forward(self, hidden_states, attention_mask=None, is_causal=False):
-        hidden_states = hidden_states + self.attention(self.attention_norm(hidden_states), attention_mask, is_causal)
+    def forward(self, hidden_states, attention_mask=None, is_causal=False, cache=None):
+        attended = self.attention(self.attention_norm(hidden_states), attention_mask, is_causal, cache)
+        hidden_states = hidden_states + attended
         return hidden_states + self.mlp(self.mlp_norm(hidden_states))
 
 
@@ -304,14 +313,25 @@ class EngravingCaptionDecoder(nn.Module):
         self.norm = nn.LayerNorm(config.text_hidden_size)
         self.lm_head = nn.Linear(config.text_hidden_size, config.vocab_size, bias=False)
 
-    def forward(self, latents, token_embeddings):
-        """`(batch, latent_size)` and `(batch, length, width)` -> next-token logits `(batch, length, vocab_size)`."""
-        prefix = self.latent_to_prefix(latents).view(latents.shape[0], self.num_prefix_tokens, -1)
-        hidden_states = torch.cat([prefix, token_embeddings], dim=1)
-        hidden_states = hidden_states + self.position_embedding.weight[: hidden_states.shape[1]]
-        for layer in self.layers:
-            hidden_states = layer(hidden_states, is_causal=True)
-        return self.lm_head(self.norm(hidden_states[:, self.num_prefix_tokens :]))
+    def forward(self, latents, token_embeddings, cache=None):
+        """
+        `(batch, latent_size)` latents and `(batch, length, width)` caption embeddings -> next-token logits
+        `(batch, length, vocab_size)`. With a `cache` (one empty dict per layer at the start of a caption), the first
+        call runs the prefix and the given tokens, and each later call runs only the new tokens.
+        """
+        past_length = 0 if cache is None or "key" not in cache[0] else cache[0]["key"].shape[2]
+        if past_length:
+            hidden_states = token_embeddings
+        else:
+            prefix = self.latent_to_prefix(latents).view(latents.shape[0], self.num_prefix_tokens, -1)
+            hidden_states = torch.cat([prefix, token_embeddings], dim=1)
+        hidden_states = hidden_states + self.position_embedding.weight[past_length : past_length + hidden_states.shape[1]]
+        for index, layer in enumerate(self.layers):
+            # A cached step's new tokens come last, so they may attend to every position: no causal mask then.
+            hidden_states = layer(hidden_states, is_causal=not past_length, cache=None if cache is None else cache[index])
+        if not past_length:
+            hidden_states = hidden_states[:, self.num_prefix_tokens :]
+        return self.lm_head(self.norm(hidden_states))
 
 
 class EngravingPriorBlock(nn.Module):
@@ -639,8 +659,9 @@ class EngravingModel(EngravingPreTrainedModel):
         max_length = max_length or self.config.max_caption_length
         input_ids = torch.full((batch, 1), self.config.bos_token_id, dtype=torch.long, device=latents.device)
         finished = torch.zeros(batch, dtype=torch.bool, device=latents.device)
+        cache = [{} for _ in self.caption_decoder.layers]
         for _ in range(max_length - 1):
-            logits = self.caption_decoder(latents, self.token_embedding(input_ids))[:, -1].float()
+            logits = self.caption_decoder(latents, self.token_embedding(input_ids[:, -1:]), cache)[:, -1].float()
             if temperature > 0:
                 next_tokens = sample_top_p(logits / temperature, top_p, generators)
             else:

@@ -130,6 +130,16 @@ def test_tiny_model_overfits_eight_pairs_and_captions_them(tiny_config, tiny_tok
     assert model.caption(list(images)) == list(captions)
 
 
+def test_cached_caption_decoding_matches_running_the_whole_caption(tiny_model):
+    latents = tiny_model.sample_latents([0, 1, 2])
+    ids = tiny_model.generate_caption_ids(latents, temperature=1.0, generators=[torch.Generator().manual_seed(0)] * 3)
+    full = tiny_model.caption_decoder(latents, tiny_model.token_embedding(ids))
+    cache = [{} for _ in tiny_model.caption_decoder.layers]
+    steps = [tiny_model.caption_decoder(latents, tiny_model.token_embedding(ids[:, :1]), cache)]
+    steps += [tiny_model.caption_decoder(latents, tiny_model.token_embedding(ids[:, i : i + 1]), cache) for i in range(1, ids.shape[1])]
+    assert torch.allclose(torch.cat(steps, dim=1), full, atol=1e-5)
+
+
 def test_prior_matches_a_toy_latent_distribution_far_better_than_plain_noise(tiny_config):
     torch.manual_seed(0)
     model = EngravingModel(tiny_config)
