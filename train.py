@@ -31,12 +31,12 @@ import torch.nn.functional as F
 from accelerate import Accelerator
 from accelerate.logging import get_logger
 from accelerate.utils import ProjectConfiguration, set_seed
-from PIL import Image, ImageDraw, ImageFont
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from tqdm.auto import tqdm
 from transformers import AutoTokenizer, get_scheduler
 
 from configuration_engraving import EngravingConfig, ENGRAVING_PRESETS
+from generate import captioned_grid
 from modeling_engraving import EngravingDiscriminator, EngravingModel, pixel_values_to_images, resize_and_pad
 from tokenization_engraving import train_tokenizer
 
@@ -249,6 +249,31 @@ def build_config(args, tokenizer):
         sys.exit(f"Invalid model configuration: {error}")
 
 
+def build_model_and_optimizers(args, config, tokenizer, device):
+    """
+    A freshly initialised model (channels_last on CUDA) with its tokenizer, the discriminator on `device`, and their
+    AdamW optimizers (fused on CUDA).
+    """
+    model = EngravingModel(config).to(device)
+    model.tokenizer = tokenizer
+    discriminator = EngravingDiscriminator(config).to(device)
+    if device.type == "cuda":
+        model.to(memory_format=torch.channels_last)
+        discriminator.to(memory_format=torch.channels_last)
+    fused = device.type == "cuda"
+    optimizer = torch.optim.AdamW(
+        model.parameters(),
+        lr=args.learning_rate,
+        betas=(args.adam_beta1, args.adam_beta2),
+        weight_decay=args.adam_weight_decay,
+        fused=fused,
+    )
+    discriminator_optimizer = torch.optim.AdamW(
+        discriminator.parameters(), lr=args.discriminator_learning_rate or args.learning_rate, betas=(0.5, 0.9), fused=fused
+    )
+    return model, discriminator, optimizer, discriminator_optimizer
+
+
 def all_processes_finite(accelerator, loss):
     """True when the loss is finite on every process, so all of them skip a bad step together."""
     finite = torch.isfinite(loss.detach()).float().reshape(1)
@@ -262,6 +287,40 @@ def average_gradients(accelerator, module):
     gradients = [parameter.grad for parameter in module.parameters() if parameter.grad is not None]
     for gradient, averaged in zip(gradients, accelerator.reduce(gradients, reduction="mean")):
         gradient.copy_(averaged)
+
+
+def forward_backward(
+    accelerator, model, discriminator, discriminator_optimizer, pixel_values, input_ids, attention_mask,
+    adversarial_weight, gradient_accumulation_steps, sync_gradients,
+):
+    """
+    One batch of training: the model's losses (plus the weighted adversarial loss) and their backward pass, then, when
+    the adversarial loss is on, one discriminator step. Gradients are all-reduced only when `sync_gradients`.
+    Returns the losses as floats, or None (nothing done) when the loss is not finite on some process.
+    """
+    with contextlib.nullcontext() if sync_gradients else accelerator.no_sync(model):
+        with accelerator.autocast():
+            outputs = model(pixel_values, input_ids, attention_mask)
+            loss = outputs.loss
+            if adversarial_weight > 0:
+                loss_adversarial = discriminator.generator_loss(outputs.reconstructions)
+                loss = loss + adversarial_weight * loss_adversarial
+        if not all_processes_finite(accelerator, loss):
+            return None
+        accelerator.backward(loss / gradient_accumulation_steps)
+    losses = {name: outputs[name].detach().float() for name in LOSS_NAMES}
+    if adversarial_weight > 0:
+        # The generator's backward left gradients in the discriminator: drop them before its own step.
+        discriminator.zero_grad(set_to_none=True)
+        with accelerator.autocast():
+            loss_discriminator = discriminator.discriminator_loss(pixel_values, outputs.reconstructions.detach())
+        accelerator.backward(loss_discriminator)
+        average_gradients(accelerator, discriminator)
+        discriminator_optimizer.step()
+        discriminator_optimizer.zero_grad(set_to_none=True)
+        losses["loss_adversarial"] = loss_adversarial.detach().float()
+        losses["loss_discriminator"] = loss_discriminator.detach().float()
+    return dict(zip(losses, torch.stack(list(losses.values())).tolist()))
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -318,37 +377,6 @@ def resolve_resume_path(args):
 
 # ----------------------------------------------------------------------------------------------------------------
 # Evaluation: losses, a captioned sample grid, reconstructions, the fitted prior and the best model.
-
-
-def captioned_grid(images, captions=None, columns=8):
-    """Lays PIL images out in a grid, each with its caption (if given) wrapped in the space below it."""
-    width, height = images[0].size
-    font = ImageFont.load_default()
-    lines_per_caption = 0
-    wrapped = []
-    if captions is not None:
-        characters_per_line = max(8, width // 6)
-        for caption in captions:
-            words, lines = caption.split(), [""]
-            for word in words:
-                candidate = f"{lines[-1]} {word}".strip()
-                if len(candidate) > characters_per_line and lines[-1]:
-                    lines.append(word)
-                else:
-                    lines[-1] = candidate
-            wrapped.append(lines)
-        lines_per_caption = max(len(lines) for lines in wrapped)
-    cell_height = height + 12 * lines_per_caption + (4 if captions is not None else 0)
-    columns = min(columns, len(images))
-    rows = math.ceil(len(images) / columns)
-    grid = Image.new("RGB", (columns * (width + 4) + 4, rows * cell_height + 4), "white")
-    draw = ImageDraw.Draw(grid)
-    for index, image in enumerate(images):
-        x, y = 4 + (index % columns) * (width + 4), 4 + (index // columns) * cell_height
-        grid.paste(image, (x, y))
-        for line_number, line in enumerate(wrapped[index] if captions is not None else []):
-            draw.text((x, y + height + 2 + 12 * line_number), line, fill="black", font=font)
-    return grid
 
 
 @torch.no_grad()
@@ -508,24 +536,10 @@ def main(args):
     num_epochs = math.ceil(max_train_steps / steps_per_epoch)
 
     # Model, discriminator, EMA, optimizers and schedule.
-    model = EngravingModel(config)
-    model.tokenizer = tokenizer
-    discriminator = EngravingDiscriminator(config).to(accelerator.device)
+    model, discriminator, optimizer, discriminator_optimizer = build_model_and_optimizers(
+        args, config, tokenizer, accelerator.device
+    )
     use_adversarial = config.adversarial_loss_weight > 0
-    if accelerator.device.type == "cuda":
-        model.to(memory_format=torch.channels_last)
-        discriminator.to(memory_format=torch.channels_last)
-    fused = torch.cuda.is_available()
-    optimizer = torch.optim.AdamW(
-        model.parameters(),
-        lr=args.learning_rate,
-        betas=(args.adam_beta1, args.adam_beta2),
-        weight_decay=args.adam_weight_decay,
-        fused=fused,
-    )
-    discriminator_optimizer = torch.optim.AdamW(
-        discriminator.parameters(), lr=args.discriminator_learning_rate or args.learning_rate, betas=(0.5, 0.9), fused=fused
-    )
     lr_scheduler = get_scheduler(
         args.lr_scheduler,
         optimizer=optimizer,
@@ -586,13 +600,12 @@ def main(args):
                 )
             seeds = list(range(args.num_validation_samples))
             generated = eval_model.generate(seeds=seeds, batch_size=args.eval_batch_size)
-            samples = captioned_grid(generated.images, generated.captions)
+            samples = captioned_grid(generated.images, generated.captions, columns=min(8, len(seeds)))
             originals = validation_cache.batch(torch.arange(min(args.num_validation_samples, len(validation_cache))))
             with accelerator.autocast():
                 reconstructed = eval_model(originals.to(eval_model.dtype)).reconstructions
-            reconstructions = captioned_grid(
-                pixel_values_to_images(originals) + pixel_values_to_images(reconstructed), columns=len(originals)
-            )
+            pictures = pixel_values_to_images(originals) + pixel_values_to_images(reconstructed)
+            reconstructions = captioned_grid(pictures, [""] * len(pictures), columns=len(originals))
         record["nonfinite_steps"] = nonfinite_steps
         record["best"] = improved
         samples.save(output_dir / f"samples-{global_step:07d}.png")
@@ -660,31 +673,14 @@ def main(args):
             sync_step = (batch_index + 1) % args.gradient_accumulation_steps == 0
             adversarial = use_adversarial and global_step >= config.adversarial_start_step
 
-            with contextlib.nullcontext() if sync_step else accelerator.no_sync(model):
-                with accelerator.autocast():
-                    outputs = model(pixel_values, train_ids[device_indices], train_mask[device_indices])
-                    loss = outputs.loss
-                    if adversarial:
-                        loss_adversarial = discriminator.generator_loss(outputs.reconstructions)
-                        loss = loss + config.adversarial_loss_weight * loss_adversarial
-                finite = all_processes_finite(accelerator, loss)
-                if finite:
-                    accelerator.backward(loss / args.gradient_accumulation_steps)
+            values = forward_backward(
+                accelerator, model, discriminator, discriminator_optimizer, pixel_values,
+                train_ids[device_indices], train_mask[device_indices],
+                config.adversarial_loss_weight if adversarial else 0.0, args.gradient_accumulation_steps, sync_step,
+            )
+            finite = values is not None
             if finite:
                 consecutive_nonfinite = 0
-                losses = {name: outputs[name].detach().float() for name in LOSS_NAMES}
-                if adversarial:
-                    # The generator's backward left gradients in the discriminator: drop them before its own step.
-                    discriminator.zero_grad(set_to_none=True)
-                    with accelerator.autocast():
-                        loss_discriminator = discriminator.discriminator_loss(pixel_values, outputs.reconstructions.detach())
-                    accelerator.backward(loss_discriminator)
-                    average_gradients(accelerator, discriminator)
-                    discriminator_optimizer.step()
-                    discriminator_optimizer.zero_grad(set_to_none=True)
-                    losses["loss_adversarial"] = loss_adversarial.detach().float()
-                    losses["loss_discriminator"] = loss_discriminator.detach().float()
-                values = dict(zip(losses, torch.stack(list(losses.values())).tolist()))
                 for name, value in values.items():
                     window[name] += value
                 epoch_losses.append(values["loss"])
@@ -764,7 +760,11 @@ def main(args):
     # Final evaluation, with the prior fitted: writes model/, best_model/ (if improved) and the sample grid.
     if accelerator.is_main_process:
         evaluate(mean_or_nan(epoch_losses), final=True)
-        logger.info(f"Saved the final model to {output_dir / 'model'} and the best one to {output_dir / 'best_model'}.")
+        logger.info(
+            f"Saved the final model to {output_dir / 'model'} and the best one to {output_dir / 'best_model'}; "
+            f"samples in {output_dir / 'samples.png'}. Try it: `MODEL_ID={output_dir / 'model'} python app.py`, "
+            f"or `python generate.py --model {output_dir / 'model'} --seeds 0-15 --grid --output_dir samples`."
+        )
         if args.push_to_hub:
             from huggingface_hub import create_repo, upload_folder
 
