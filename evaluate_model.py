@@ -225,7 +225,7 @@ def format_value(value):
 def render_markdown(report):
     """A human-readable report: setup, one table per section, and the sampling rows side by side."""
     lines = [f"# Evaluation of `{report['model']}`", ""]
-    lines += [f"- **{key}**: {format_value(report[key])}" for key in ("dataset", "split", "num_eval_images", "num_train_images_featurised", "num_samples", "feature_extractor", "device", "elapsed_seconds")]
+    lines += [f"- **{key}**: {format_value(report[key])}" for key in ("dataset", "split", "num_eval_images", "num_train_images_featurised", "num_samples", "feature_extractor", "feature_backend", "device", "elapsed_seconds")]
     for section in ("real_reference", "reconstruction", "validation_captions", "retrieval"):
         lines += ["", f"## {section.replace('_', ' ').capitalize()}", "", "| metric | value |", "| --- | --- |"]
         lines += [f"| {key} | {format_value(value)} |" for key, value in report[section].items() if key != "example_captions"]
@@ -270,7 +270,7 @@ def main(args):
     metrics = {name: evaluate.load(str(METRICS_DIR / name)) for name in ("kid", "fid", "bleu", "caption_quality", "retrieval", "reconstruction", "high_frequency_energy")}
     extractor = ImageFeatureExtractor(args.device, args.batch_size, prefer_inception=args.feature_extractor == "auto")
     embedder = SentenceEmbedder(args.device)
-    logger.info(f"Image features: {extractor.name}.")
+    logger.info(f"Image features: {extractor.name}, run with {extractor.backend}.")
 
     context = {
         "extractor": extractor,
@@ -312,6 +312,7 @@ def main(args):
         "num_train_images_featurised": len(train_bank_images),
         "num_samples": args.num_samples,
         "feature_extractor": extractor.name,
+        "feature_backend": extractor.backend,
         "device": args.device,
         "real_reference": real_reference,
         "reconstruction": metrics["reconstruction"].compute(predictions=reconstructions, references=real_images),

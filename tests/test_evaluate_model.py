@@ -10,7 +10,7 @@ import torch
 from PIL import Image, ImageFilter
 
 from conftest import REPO_ROOT, shape_pairs
-from engraving_features import ImageFeatureExtractor, SentenceEmbedder
+from engraving_features import ImageFeatureExtractor, SentenceEmbedder, images_to_uint8_batch
 from evaluate_model import (
     caption_neighbour_agreement,
     load_splits,
@@ -64,12 +64,15 @@ def test_kid_uses_smaller_subsets_when_there_are_fewer_samples():
     assert result["subset_size"] == 12
 
 
-def test_fid_is_zero_for_identical_sets_and_grows_with_the_squared_mean_shift():
+def test_fid_is_zero_for_identical_sets_and_exact_for_shifted_and_scaled_ones():
     fid = load_metric("fid")
     real = gaussian_features(400, seed=2)
     assert fid.compute(predictions=real, real_features=real)["fid"] == pytest.approx(0.0, abs=1e-6)
     # The same points moved by 0.5 in each of 32 dimensions: identical covariances, so FID = 32 * 0.25.
     assert fid.compute(predictions=real + 0.5, real_features=real)["fid"] == pytest.approx(8.0, rel=1e-6)
+    # Scaled by 2: S' = 4 S, so the cross term is 2 tr(S) twice over and FID = |mu|^2 + tr(S) exactly.
+    expected = np.square(real.astype(np.float64).mean(0)).sum() + real.astype(np.float64).var(0, ddof=1).sum()
+    assert fid.compute(predictions=2 * real, real_features=real)["fid"] == pytest.approx(expected, rel=1e-6)
 
 
 def test_noise_and_grey_images_score_far_worse_kid_than_real_pictures(extractor, real_pictures):
@@ -86,6 +89,14 @@ def test_noise_and_grey_images_score_far_worse_kid_than_real_pictures(extractor,
     assert extractor(real_pictures[:2]).shape == (2, 1280)
     assert noise > 20 * abs(real) and grey > 20 * abs(real)
     assert abs(real) < 30
+
+
+def test_onnxruntime_features_equal_the_pytorch_features(extractor, real_pictures):
+    pixels = images_to_uint8_batch(real_pictures[:4], extractor.network.input_size)
+    with torch.inference_mode():
+        expected = extractor.network(pixels)
+    assert extractor.backend == "onnxruntime"
+    torch.testing.assert_close(extractor.run(pixels), expected, atol=1e-3, rtol=1e-3)
 
 
 def test_blurred_images_have_a_lower_high_frequency_share(real_pictures):

@@ -32,10 +32,14 @@ _CITATION = """
 """
 
 
-def symmetric_sqrt(matrix):
-    """Square root of a symmetric positive semi-definite matrix, by eigendecomposition."""
-    eigenvalues, eigenvectors = torch.linalg.eigh(matrix)
-    return (eigenvectors * eigenvalues.clamp(min=0).sqrt()) @ eigenvectors.T
+def trace_sqrt_product(x, y):
+    """
+    tr((S_x S_y)^1/2) for the sample covariances of `(n, d)` and `(m, d)` rows: the nuclear norm of the centred
+    cross-product X Y^T / sqrt((n - 1)(m - 1)), whose squared singular values are the eigenvalues of S_x S_y.
+    Exact, and an `(n, m)` problem rather than a `(d, d)` matrix square root.
+    """
+    x, y = x - x.mean(0), y - y.mean(0)
+    return torch.linalg.svdvals(x @ y.T).sum() / ((x.shape[0] - 1) * (y.shape[0] - 1)) ** 0.5
 
 
 @evaluate.utils.file_utils.add_start_docstrings(_DESCRIPTION, _KWARGS_DESCRIPTION)
@@ -53,10 +57,7 @@ class FID(evaluate.Metric):
         real = torch.as_tensor(np.asarray(real_features), dtype=torch.float64)
         if generated.shape[0] < 2 or real.shape[0] < 2:
             raise ValueError("FID needs at least 2 generated and 2 real feature vectors.")
-        covariance_generated, covariance_real = torch.cov(generated.T), torch.cov(real.T)
-        root = symmetric_sqrt(covariance_generated)
-        product = root @ covariance_real @ root
-        cross_trace = torch.linalg.eigvalsh((product + product.T) / 2).clamp(min=0).sqrt().sum()
         mean_term = (generated.mean(0) - real.mean(0)).square().sum()
-        fid = mean_term + covariance_generated.trace() + covariance_real.trace() - 2.0 * cross_trace
+        traces = generated.var(0).sum() + real.var(0).sum()
+        fid = mean_term + traces - 2.0 * trace_sqrt_product(generated, real)
         return {"fid": max(fid.item(), 0.0)}
