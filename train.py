@@ -15,6 +15,7 @@ everything needed for an exact resume and are written atomically.
 import argparse
 import contextlib
 import copy
+import inspect
 import json
 import logging
 import math
@@ -72,7 +73,7 @@ def parse_args(argv=None):
     optimisation.add_argument("--train_batch_size", type=int, default=32, help="Images per process per step.")
     optimisation.add_argument("--gradient_accumulation_steps", type=int, default=1, help="Batches whose gradients are summed before each optimizer step.")
     optimisation.add_argument("--learning_rate", type=float, default=1e-4, help="Peak learning rate of AdamW.")
-    optimisation.add_argument("--lr_scheduler", default="cosine", help="Learning-rate schedule: linear, cosine, cosine_with_restarts, polynomial, constant, constant_with_warmup.")
+    optimisation.add_argument("--lr_scheduler", default="cosine", choices=["linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup"], help="Learning-rate schedule, after --lr_warmup_steps of linear warmup.")
     optimisation.add_argument("--lr_warmup_steps", type=int, default=500, help="Linear warmup steps of the schedule.")
     optimisation.add_argument("--adam_beta1", type=float, default=0.9, help="AdamW beta1.")
     optimisation.add_argument("--adam_beta2", type=float, default=0.99, help="AdamW beta2.")
@@ -230,8 +231,11 @@ def load_or_train_tokenizer(args, captions):
 def build_config(args, tokenizer):
     """The preset's EngravingConfig with the image size, vocabulary and flag overrides of this run."""
     overrides = {}
+    fields = inspect.signature(EngravingConfig.__init__).parameters
     for item in args.config_overrides:
         key, _, value = item.partition("=")
+        if key not in fields:
+            sys.exit(f"--config_overrides: {key!r} is not an EngravingConfig field; see configuration_engraving.py.")
         try:
             overrides[key] = json.loads(value)
         except json.JSONDecodeError:

@@ -38,12 +38,26 @@ def validation_records(output_dir):
     return [{k: v for k, v in r.items() if k == "step" or k.startswith("val_")} for r in json.loads((output_dir / "metrics.json").read_text())]
 
 
-def test_training_writes_evaluations_best_model_and_a_loadable_final_model(tiny_dataset_dir, tmp_path):
-    result = run_train(tiny_dataset_dir, tmp_path / "run", "--max_train_steps", "6", "--use_ema")
+# Warmup across the interruption, EMA, the adversarial loss, flips and crops: every piece of state matters on resume.
+RESUME_FLAGS = [
+    "--use_ema", "--adversarial_start_step", "2", "--random_flip", "--lr_scheduler", "constant_with_warmup",
+    "--lr_warmup_steps", "5", "--learning_rate", "1e-3", "--checkpointing_steps", "4",
+]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted_run(tiny_dataset_dir, tmp_path_factory):
+    """7 steps (evaluations after steps 3, 6 and 7) with a checkpoint at step 4, never interrupted."""
+    output_dir = tmp_path_factory.mktemp("uninterrupted") / "run"
+    result = run_train(tiny_dataset_dir, output_dir, "--max_train_steps", "7", *RESUME_FLAGS)
     assert result.returncode == 0, result.stderr[-3000:]
-    run = tmp_path / "run"
+    return output_dir
+
+
+def test_training_writes_evaluations_best_model_and_a_loadable_final_model(uninterrupted_run):
+    run = uninterrupted_run
     records = json.loads((run / "metrics.json").read_text())
-    assert [record["step"] for record in records] == [3, 6]
+    assert [record["step"] for record in records] == [3, 6, 7]
     assert all(record[f"val_{name}"] > 0 for record in records for name in ("loss", "loss_reconstruction", "loss_caption"))
     for name in ("samples-0000003.png", "reconstructions-0000006.png", "samples.png", "training.log"):
         assert (run / name).is_file(), name
@@ -57,26 +71,21 @@ def test_training_writes_evaluations_best_model_and_a_loadable_final_model(tiny_
     assert not model.latent_std.eq(1).all()
 
 
-def test_resumed_run_gives_the_same_losses_as_an_uninterrupted_one(tiny_dataset_dir, tmp_path):
-    # Warmup across the interruption, EMA, the adversarial loss, flips and crops: every piece of state matters.
-    flags = [
-        "--use_ema", "--adversarial_start_step", "2", "--random_flip", "--lr_scheduler", "constant_with_warmup",
-        "--lr_warmup_steps", "5", "--learning_rate", "1e-3", "--checkpointing_steps", "4",
-    ]
-    uninterrupted = run_train(tiny_dataset_dir, tmp_path / "a", "--max_train_steps", "7", *flags)
-    assert uninterrupted.returncode == 0, uninterrupted.stderr[-3000:]
+def test_resumed_run_gives_the_same_losses_as_an_uninterrupted_one(tiny_dataset_dir, uninterrupted_run, tmp_path):
     # The interrupted run stops after step 4 (mid-epoch 2) and is resumed from its checkpoint.
-    interrupted = run_train(tiny_dataset_dir, tmp_path / "b", "--max_train_steps", "4", *flags)
+    interrupted = run_train(tiny_dataset_dir, tmp_path / "b", "--max_train_steps", "4", *RESUME_FLAGS)
     assert interrupted.returncode == 0, interrupted.stderr[-3000:]
-    resumed = run_train(tiny_dataset_dir, tmp_path / "b", "--max_train_steps", "7", "--resume_from_checkpoint", "latest", *flags)
+    resumed = run_train(
+        tiny_dataset_dir, tmp_path / "b", "--max_train_steps", "7", "--resume_from_checkpoint", "latest", *RESUME_FLAGS
+    )
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "Resumed from" in (tmp_path / "b" / "training.log").read_text()
 
-    expected, actual = step_losses(tmp_path / "a"), step_losses(tmp_path / "b")
+    expected, actual = step_losses(uninterrupted_run), step_losses(tmp_path / "b")
     assert sorted(expected) == list(range(1, 8))
     for step in (5, 6, 7):
         assert actual[step] == expected[step], f"step {step} differs after resume"
-    assert validation_records(tmp_path / "b") == validation_records(tmp_path / "a")
+    assert validation_records(tmp_path / "b") == validation_records(uninterrupted_run)
 
 
 def test_non_finite_losses_are_skipped_counted_and_stop_training(tiny_dataset_dir, tmp_path):
