@@ -36,7 +36,9 @@ METRICS_DIR = Path(__file__).resolve().parent / "metrics"
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description="Evaluate an Engraving model: sample quality, captions, alignment, memorisation.")
+    parser = argparse.ArgumentParser(
+        description="Evaluate an Engraving model: sample quality, captions, alignment, memorisation."
+    )
 
     group = parser.add_argument_group("model and data")
     group.add_argument("--model", required=True, help="Folder of a model saved with `save_pretrained` (with its tokenizer).")
@@ -67,12 +69,15 @@ def parse_args(argv=None):
     group = parser.add_argument_group("metrics")
     group.add_argument("--kid_subset_size", type=int, default=100, help="Rows per KID subset (fewer if fewer samples).")
     group.add_argument("--kid_num_subsets", type=int, default=100, help="KID subsets averaged.")
-    group.add_argument("--num_neighbours", type=int, default=5, help="Nearest training images whose captions judge a sample's caption.")
+    group.add_argument(
+        "--num_neighbours", type=int, default=5, help="Nearest training images whose captions judge a sample's caption."
+    )
     group.add_argument(
         "--near_copy_quantile",
         type=float,
         default=0.01,
-        help="A sample is a near-copy if its nearest-training distance is at most this quantile of training-to-training nearest distances.",
+        help="A sample is a near-copy if its distance to the nearest training image is at most this quantile of the "
+        "training images' distances to their nearest other training image.",
     )
     group.add_argument(
         "--feature_extractor",
@@ -106,10 +111,14 @@ def load_splits(path, split, train_split):
     path = Path(path)
     folder = next((p for p in (path, path / "dataset") if (p / "dataset_dict.json").is_file()), None)
     if folder is None:
-        raise SystemExit(f"--dataset_path {path} holds no DatasetDict saved with `save_to_disk` (nor does {path / 'dataset'}).")
+        raise SystemExit(
+            f"--dataset_path {path} holds no DatasetDict saved with `save_to_disk` (nor does {path / 'dataset'})."
+        )
     splits = load_from_disk(str(folder))
     if not isinstance(splits, DatasetDict):
-        raise SystemExit(f"--dataset_path {folder} is a single Dataset; pass a DatasetDict with `{split}` and `{train_split}` splits.")
+        raise SystemExit(
+            f"--dataset_path {folder} is a single Dataset; pass a DatasetDict with `{split}` and `{train_split}` splits."
+        )
     for name in (split, train_split):
         if name not in splits:
             raise SystemExit(f"The dataset at {folder} has no `{name}` split (it has {sorted(splits)}).")
@@ -225,7 +234,9 @@ def format_value(value):
 def render_markdown(report):
     """A human-readable report: setup, one table per section, and the sampling rows side by side."""
     lines = [f"# Evaluation of `{report['model']}`", ""]
-    lines += [f"- **{key}**: {format_value(report[key])}" for key in ("dataset", "split", "num_eval_images", "num_train_images_featurised", "num_samples", "feature_extractor", "feature_backend", "device", "elapsed_seconds")]
+    setup = ("dataset", "split", "num_eval_images", "num_train_images_featurised", "num_samples")
+    setup += ("feature_extractor", "feature_backend", "device", "elapsed_seconds")
+    lines += [f"- **{key}**: {format_value(report[key])}" for key in setup]
     for section in ("real_reference", "reconstruction", "validation_captions", "retrieval"):
         lines += ["", f"## {section.replace('_', ' ').capitalize()}", "", "| metric | value |", "| --- | --- |"]
         lines += [f"| {key} | {format_value(value)} |" for key, value in report[section].items() if key != "example_captions"]
@@ -264,10 +275,15 @@ def main(args):
     eval_split = take(eval_split, args.max_eval_images, args.seed)
     real_images, real_captions = model_view(eval_split, model.config.image_size)
     train_captions = list(train_split["caption"])
-    train_bank_images, train_bank_captions = model_view(take(train_split, args.max_train_images, args.seed), model.config.image_size)
-    logger.info(f"{len(real_images)} `{args.split}` images, {len(train_bank_images)} of {len(train_captions)} training images featurised.")
+    train_bank = take(train_split, args.max_train_images, args.seed)
+    train_bank_images, train_bank_captions = model_view(train_bank, model.config.image_size)
+    logger.info(
+        f"{len(real_images)} `{args.split}` images; {len(train_bank_images)} of {len(train_captions)} training images "
+        "featurised."
+    )
 
-    metrics = {name: evaluate.load(str(METRICS_DIR / name)) for name in ("kid", "fid", "bleu", "caption_quality", "retrieval", "reconstruction", "high_frequency_energy")}
+    metric_names = ("kid", "fid", "bleu", "caption_quality", "retrieval", "reconstruction", "high_frequency_energy")
+    metrics = {name: evaluate.load(str(METRICS_DIR / name)) for name in metric_names}
     extractor = ImageFeatureExtractor(args.device, args.batch_size, prefer_inception=args.feature_extractor == "auto")
     embedder = SentenceEmbedder(args.device)
     logger.info(f"Image features: {extractor.name}, run with {extractor.backend}.")
@@ -288,9 +304,13 @@ def main(args):
         **memorisation(context["real_features"], context["train_features"], context["near_copy_threshold"]),
     }
 
-    reconstructions, predicted_captions, image_latents, text_latents = encode_real_split(model, real_images, real_captions, args.batch_size)
+    reconstructions, predicted_captions, image_latents, text_latents = encode_real_split(
+        model, real_images, real_captions, args.batch_size
+    )
     validation_captions = {
-        "bleu": metrics["bleu"].compute(predictions=predicted_captions, references=[[caption] for caption in real_captions])["bleu"],
+        "bleu": metrics["bleu"].compute(
+            predictions=predicted_captions, references=[[caption] for caption in real_captions]
+        )["bleu"],
         **metrics["caption_quality"].compute(predictions=predicted_captions, training_captions=train_captions),
         "example_captions": predicted_captions[:5],
     }
