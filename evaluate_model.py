@@ -152,7 +152,7 @@ def encode_real_split(model, images, captions, batch_size):
         reconstructions += pixel_values_to_images(model.decode_latents(latents))
         predicted_captions += model.caption(chunk_images)
         image_latents.append(latents.float().cpu())
-        text_latents.append(model.encode_text(*model._tokenize(chunk_captions, model.tokenizer)).float().cpu())
+        text_latents.append(model.embed_captions(chunk_captions).float().cpu())
     return reconstructions, predicted_captions, torch.cat(image_latents), torch.cat(text_latents)
 
 

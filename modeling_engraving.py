@@ -688,15 +688,14 @@ class EngravingModel(EngravingPreTrainedModel):
         ids = self.generate_caption_ids(latents, temperature, top_p, generators)
         return [text.strip() for text in tokenizer.batch_decode(ids, skip_special_tokens=True)]
 
-    def _tokenize(self, captions, tokenizer):
+    @torch.no_grad()
+    def embed_captions(self, captions, tokenizer=None):
+        """Caption strings -> `(batch, latent_size)` text latents: the alignment embedding, in the image latent space."""
+        tokenizer = self._require_tokenizer(tokenizer)
         batch = tokenizer(
-            list(captions),
-            padding=True,
-            truncation=True,
-            max_length=self.config.max_caption_length,
-            return_tensors="pt",
+            list(captions), padding=True, truncation=True, max_length=self.config.max_caption_length, return_tensors="pt"
         )
-        return batch["input_ids"].to(self.device), batch["attention_mask"].to(self.device)
+        return self.encode_text(batch["input_ids"].to(self.device), batch["attention_mask"].to(self.device))
 
     @torch.no_grad()
     def generate(
@@ -752,9 +751,8 @@ class EngravingModel(EngravingPreTrainedModel):
         Draws an engraving for each caption (a string or a list): the caption's text latent conditions the prior.
         Caption `i` uses seed `seed + i`. Returns [`EngravingGenerationOutput`].
         """
-        tokenizer = self._require_tokenizer(tokenizer)
         captions = [captions] if isinstance(captions, str) else list(captions)
-        text_latents = self.encode_text(*self._tokenize(captions, tokenizer))
+        text_latents = self.embed_captions(captions, tokenizer)
         seeds = [seed + index for index in range(len(captions))]
         latents = self.sample_latents(seeds, text_latents=text_latents, guidance_scale=guidance_scale)
         images = pixel_values_to_images(self.decode_latents(latents))

@@ -70,6 +70,10 @@ def parse_args(argv=None):
     optimisation = parser.add_argument_group("optimisation")
     optimisation.add_argument("--num_epochs", type=int, default=50, help="Passes over the training set.")
     optimisation.add_argument("--max_train_steps", type=int, default=None, help="Stop after this many optimizer steps; overrides --num_epochs.")
+    optimisation.add_argument(
+        "--max_train_minutes", type=float, default=None,
+        help="Also stop once training has run this many minutes (a fixed time budget, e.g. for CPU recipes).",
+    )
     optimisation.add_argument("--train_batch_size", type=int, default=32, help="Images per process per step.")
     optimisation.add_argument("--gradient_accumulation_steps", type=int, default=1, help="Batches whose gradients are summed before each optimizer step.")
     optimisation.add_argument("--learning_rate", type=float, default=1e-4, help="Peak learning rate of AdamW.")
@@ -661,7 +665,8 @@ def main(args):
     consecutive_nonfinite = 0
     window = {name: 0.0 for name in LOSS_NAMES + ["loss_adversarial", "loss_discriminator"]}
     window_steps, window_start, epoch_losses = 0, time.perf_counter(), []
-    diverged = early_stopped = False
+    training_start = time.perf_counter()
+    diverged = early_stopped = finished = False
     model.train()
     for epoch in range(first_epoch, num_epochs):
         batches = epoch_batches(
@@ -726,6 +731,9 @@ def main(args):
 
             end_of_epoch = batch_index + 1 == batches_per_epoch
             finished = global_step >= max_train_steps
+            if args.max_train_minutes is not None and global_step % args.logging_steps == 0:
+                out_of_time = time.perf_counter() - training_start > 60 * args.max_train_minutes
+                finished = finished or synchronised_flag(out_of_time)
             if end_of_epoch and (epoch + 1) % args.validation_epochs == 0 and not finished:
                 if accelerator.is_main_process:
                     evaluate(mean_or_nan(epoch_losses), final=False)
@@ -745,7 +753,7 @@ def main(args):
                 save_checkpoint(accelerator, args, training_state(*position))
             if finished or early_stopped:
                 break
-        if global_step >= max_train_steps or diverged or early_stopped:
+        if finished or diverged or early_stopped:
             break
     progress.close()
 
