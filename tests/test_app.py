@@ -1,7 +1,6 @@
 """The Gradio demo, served in-process on a free localhost port with the tiny model, driven by gradio_client and a browser."""
 
 import os
-import shutil
 import socket
 from pathlib import Path
 
@@ -142,4 +141,3 @@ def test_clicking_generate_shows_an_engraving_and_its_caption(app_url, tmp_path)
         browser.close()
     assert caption
     assert Image.open(screenshot).size[0] >= 1100
-    shutil.copy(screenshot, "/tmp/app_screenshot.png")
