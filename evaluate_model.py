@@ -150,7 +150,7 @@ def encode_real_split(model, images, captions, batch_size):
         pixel_values = images_to_pixel_values(chunk_images, model.config.image_size).to(model.device)
         latents = model.encode_images(pixel_values)
         reconstructions += pixel_values_to_images(model.decode_latents(latents))
-        predicted_captions += model.caption(chunk_images)
+        predicted_captions += model.caption_latents(latents)
         image_latents.append(latents.float().cpu())
         text_latents.append(model.embed_captions(chunk_captions).float().cpu())
     return reconstructions, predicted_captions, torch.cat(image_latents), torch.cat(text_latents)

@@ -684,7 +684,10 @@ class EngravingModel(EngravingPreTrainedModel):
             )
         return tokenizer
 
-    def _decode_captions(self, latents, tokenizer, temperature=0.0, top_p=1.0, generators=None):
+    @torch.no_grad()
+    def caption_latents(self, latents, tokenizer=None, temperature=0.0, top_p=1.0, generators=None):
+        """Captions `(batch, latent_size)` latents: `list[str]`, greedy by default (see `generate_caption_ids`)."""
+        tokenizer = self._require_tokenizer(tokenizer)
         ids = self.generate_caption_ids(latents, temperature, top_p, generators)
         return [text.strip() for text in tokenizer.batch_decode(ids, skip_special_tokens=True)]
 
@@ -731,19 +734,18 @@ class EngravingModel(EngravingPreTrainedModel):
             for generator in generators:
                 torch.randn(self.config.latent_size, generator=generator)
             images += pixel_values_to_images(self.decode_latents(chunk_latents))
-            captions += self._decode_captions(chunk_latents, tokenizer, temperature, top_p, generators)
+            captions += self.caption_latents(chunk_latents, tokenizer, temperature, top_p, generators)
             latents.append(chunk_latents)
         return EngravingGenerationOutput(images=images, captions=captions, seeds=seeds, latents=torch.cat(latents))
 
     @torch.no_grad()
     def caption(self, images, tokenizer=None, temperature=0.0, top_p=1.0):
         """Captions PIL images (one or a list): `list[str]`, greedy by default."""
-        tokenizer = self._require_tokenizer(tokenizer)
         images = [images] if isinstance(images, Image.Image) else list(images)
         pixel_values = images_to_pixel_values(images, self.config.image_size).to(self.device, self.dtype)
         latents = self.encode_images(pixel_values)
         generators = seeded_generators(range(len(images)))
-        return self._decode_captions(latents, tokenizer, temperature, top_p, generators)
+        return self.caption_latents(latents, tokenizer, temperature, top_p, generators)
 
     @torch.no_grad()
     def imagine(self, captions, seed=0, guidance_scale=2.0, tokenizer=None):
@@ -775,7 +777,7 @@ class EngravingModel(EngravingPreTrainedModel):
         noise = (torch.sin((1 - weights) * angle) * noise_a + torch.sin(weights * angle) * noise_b) / torch.sin(angle)
         latents = self.unstandardize_latents(self.prior.sample(noise.to(self.device, self.dtype)))
         images = pixel_values_to_images(self.decode_latents(latents))
-        captions = self._decode_captions(latents, tokenizer)
+        captions = self.caption_latents(latents, tokenizer)
         return EngravingGenerationOutput(images=images, captions=captions, seeds=[seed_a, seed_b], latents=latents)
 
     def fit_prior(self, latents, text_latents=None, num_steps=1000, batch_size=256, learning_rate=1e-3, seed=0):
