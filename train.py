@@ -5,7 +5,8 @@ Trains an Engraving model on a captioned image dataset, with Accelerate.
     python train.py --dataset_path outputs/demo_data --preset small --image_size 64 --output_dir outputs/demo
 
 The dataset is a `DatasetDict` saved with `save_to_disk` (at `--dataset_path` or `--dataset_path/dataset`) with
-`train` and `validation` splits and `image` and `caption` columns. Its images are decoded once into a uint8 cache on
+`train` and `validation` splits and `image` and `caption` columns, or prepare_dataset.py's ImageFolder splits
+`train/` and `validation/` (read without the `datasets` library, e.g. on a bare GPU image). Its images are decoded once into a uint8 cache on
 disk, memory-mapped, kept on the GPU when they fit, and augmented there. Every evaluation writes validation losses,
 a captioned sample grid and reconstructions to `--output_dir`, appends to `metrics.json` and, when the validation
 loss improves, saves `best_model/` (weights, tokenizer, a fitted latent prior and a model card). Checkpoints hold
@@ -15,6 +16,7 @@ everything needed for an exact resume and are written atomically.
 import argparse
 import contextlib
 import copy
+import hashlib
 import inspect
 import json
 import logging
@@ -29,6 +31,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image
 from accelerate import Accelerator
 from accelerate.logging import get_logger
 from accelerate.utils import ProjectConfiguration, set_seed
@@ -53,7 +56,7 @@ def parse_args(argv=None):
     parser = argparse.ArgumentParser(description="Train an Engraving model (images + captions) with Accelerate.")
 
     data = parser.add_argument_group("data")
-    data.add_argument("--dataset_path", required=True, help="A DatasetDict saved with save_to_disk (or a folder holding it as `dataset/`) with `train` and `validation` splits of `image` and `caption`.")
+    data.add_argument("--dataset_path", required=True, help="A DatasetDict saved with save_to_disk (or a folder holding it as `dataset/`) with `train` and `validation` splits of `image` and `caption`; or a folder of ImageFolder splits `train/` and `validation/` with metadata.jsonl.")
     data.add_argument("--cache_dir", default=os.path.join("~", ".cache", "engraving"), help="Where the decoded uint8 image cache is kept, keyed by dataset fingerprint and image size.")
     data.add_argument("--image_size", type=int, default=None, help="Train at this image size instead of the preset's.")
     data.add_argument("--random_flip", action="store_true", help="Flip training images horizontally at random (off by default: captions may say left or right).")
@@ -125,20 +128,79 @@ def parse_args(argv=None):
 # Data: a decoded uint8 cache, batched by seeded permutation and augmented on the device.
 
 
+class ImageFolderSplit:
+    """
+    One split of prepare_dataset.py's ImageFolder output (`metadata.jsonl` with `file_name` and `caption`, beside the
+    image files), read without the `datasets` library: the GPU images this trains on may not have it. It offers the
+    few `datasets.Dataset` members this script and evaluate_model.py use.
+    """
+
+    column_names = ["image", "caption"]
+
+    def __init__(self, folder):
+        self.folder = Path(folder)
+        metadata = (self.folder / "metadata.jsonl").read_bytes()
+        rows = [json.loads(line) for line in metadata.decode("utf-8").splitlines() if line.strip()]
+        self.file_names = [row["file_name"] for row in rows]
+        self.captions = [row["caption"] for row in rows]
+        # The pixel cache is keyed by this, as by a Dataset's own fingerprint.
+        self._fingerprint = hashlib.sha256(metadata).hexdigest()[:16]
+
+    def __len__(self):
+        return len(self.file_names)
+
+    def __getitem__(self, column):
+        if column == "caption":
+            return list(self.captions)
+        if column == "image":
+            return [self.image(index) for index in range(len(self))]
+        raise KeyError(f"{self.folder} has the columns {self.column_names}, not {column!r}.")
+
+    def image(self, index):
+        with Image.open(self.folder / self.file_names[index]) as image:
+            image.load()
+            return image
+
+    def select(self, indices):
+        """The rows at `indices`, in that order."""
+        subset = copy.copy(self)
+        subset.file_names = [self.file_names[index] for index in indices]
+        subset.captions = [self.captions[index] for index in indices]
+        subset._fingerprint = hashlib.sha256(f"{self._fingerprint}{list(indices)}".encode()).hexdigest()[:16]
+        return subset
+
+
 def load_dataset_dict(path):
-    """The saved DatasetDict at `path` (or `path/dataset`), checked for the splits and columns training needs."""
+    """
+    The `train` and `validation` splits at `path`: its `dataset/` DatasetDict (or `path` itself) saved with
+    `save_to_disk`, else its ImageFolder folders `train/` and `validation/` with their `metadata.jsonl`.
+    """
+    path = Path(path)
+    saved = next((folder for folder in (path / "dataset", path) if (folder / "dataset_dict.json").is_file()), None)
+    if saved is None and all((path / split / "metadata.jsonl").is_file() for split in ("train", "validation")):
+        return {split: ImageFolderSplit(path / split) for split in ("train", "validation")}
+    if saved is None:
+        sys.exit(
+            f"No dataset at {path}: pass --dataset_path a folder written by prepare_dataset.py (a `dataset/` saved "
+            "with save_to_disk, or `train/` and `validation/` ImageFolder splits with metadata.jsonl)."
+        )
     from datasets import load_from_disk
 
-    path = Path(path)
-    path = path / "dataset" if (path / "dataset").is_dir() else path
-    try:
-        dataset = load_from_disk(str(path))
-    except FileNotFoundError:
-        sys.exit(f"No dataset saved at {path}: pass --dataset_path a folder written by prepare_dataset.py or save_to_disk.")
+    dataset = load_from_disk(str(saved))
     for split in ("train", "validation"):
         if split not in dataset or not {"image", "caption"} <= set(dataset[split].column_names):
-            sys.exit(f"The dataset at {path} needs a `{split}` split with `image` and `caption` columns.")
+            sys.exit(f"The dataset at {saved} needs a `{split}` split with `image` and `caption` columns.")
     return dataset
+
+
+def split_images(split, chunk_size=256):
+    """The split's PIL images in order, decoded `chunk_size` at a time."""
+    if isinstance(split, ImageFolderSplit):
+        yield from (split.image(index) for index in range(len(split)))
+        return
+    images = split.select_columns(["image"])
+    for start in range(0, len(split), chunk_size):
+        yield from images[start : start + chunk_size]["image"]
 
 
 def decode_to_cache(split, image_size, cache_dir):
@@ -152,10 +214,9 @@ def decode_to_cache(split, image_size, cache_dir):
         cache_dir.mkdir(parents=True, exist_ok=True)
         partial = path.with_suffix(f".{os.getpid()}.tmp.npy")
         pixels = np.lib.format.open_memmap(partial, mode="w+", dtype=np.uint8, shape=(len(split), 3, image_size, image_size))
-        images = split.select_columns(["image"])
-        for start in tqdm(range(0, len(split), 256), desc=f"Decoding {len(split)} images", unit="batch"):
-            for offset, image in enumerate(images[start : start + 256]["image"]):
-                pixels[start + offset] = np.asarray(resize_and_pad(image, image_size)[0]).transpose(2, 0, 1)
+        images = tqdm(split_images(split), total=len(split), desc=f"Decoding {len(split)} images", unit="image")
+        for index, image in enumerate(images):
+            pixels[index] = np.asarray(resize_and_pad(image, image_size)[0]).transpose(2, 0, 1)
         pixels.flush()
         del pixels
         os.replace(partial, path)

@@ -1,5 +1,6 @@
-"""Shared tiny fixtures: a tokenizer, a randomly initialised tiny model and a small captioned DatasetDict."""
+"""Shared tiny fixtures: a tokenizer, a randomly initialised tiny model, a small captioned DatasetDict and its ImageFolder."""
 
+import json
 import os
 import sys
 from pathlib import Path
@@ -88,3 +89,28 @@ def tiny_dataset_dir(tmp_path_factory):
     path = tmp_path_factory.mktemp("tiny_data")
     DatasetDict({"train": split(24), "validation": split(8)}).save_to_disk(path / "dataset")
     return path
+
+
+@pytest.fixture(scope="session")
+def tiny_image_folder_dir(tiny_dataset_dir, tmp_path_factory):
+    """The tiny DatasetDict's splits as prepare_dataset.py's ImageFolder layout: PNGs beside a metadata.jsonl."""
+    from datasets import load_from_disk
+
+    path = tmp_path_factory.mktemp("tiny_image_folder")
+    for name, split in load_from_disk(str(tiny_dataset_dir / "dataset")).items():
+        (path / name).mkdir()
+        rows = []
+        for index, row in enumerate(split):
+            row["image"].save(path / name / f"{index:03d}.png")
+            rows.append(json.dumps({"file_name": f"{index:03d}.png", "caption": row["caption"]}))
+        (path / name / "metadata.jsonl").write_text("\n".join(rows) + "\n")
+    return path
+
+
+@pytest.fixture(scope="session")
+def without_datasets_library(tmp_path_factory):
+    """Environment variables for a subprocess in which `import datasets` and `import evaluate` fail, as on a bare GPU image."""
+    path = tmp_path_factory.mktemp("no_datasets")
+    for name in ("datasets", "evaluate"):
+        (path / f"{name}.py").write_text(f"raise ImportError('{name} is not installed here')\n")
+    return {"PYTHONPATH": os.pathsep.join([str(path), str(REPO_ROOT)])}

@@ -151,3 +151,15 @@ def test_two_processes_split_the_batch_and_only_the_main_one_logs_and_saves(tiny
     assert not any(path.name.endswith(".tmp") for path in run.iterdir())
     model = EngravingModel.from_pretrained(run / "model")
     assert len(model.generate(seeds=[3]).captions) == 1
+
+
+def test_image_folder_splits_train_without_the_datasets_library_exactly_as_the_datasetdict(
+    tiny_dataset_dir, tiny_image_folder_dir, without_datasets_library, uninterrupted_run, tmp_path
+):
+    output_dir = tmp_path / "run"
+    result = run_train(
+        tiny_image_folder_dir, output_dir, "--max_train_steps", "7", *RESUME_FLAGS, environment=without_datasets_library
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert step_losses(output_dir) == step_losses(uninterrupted_run)
+    assert validation_records(output_dir) == validation_records(uninterrupted_run)
