@@ -12,23 +12,28 @@ Evaluates a trained Engraving model on a held-out split and writes `report.json`
 each sample metric for prior sampling and again for the `--no_prior` baseline (N(0, I) noise decoded directly).
 
     python evaluate_model.py --model ./engraving-small --dataset_path ./prepared/dataset --num_samples 200 --output_dir ./eval
+
+The model's part and the scoring can run on different machines: `--save_model_outputs FILE --no_scoring` needs only
+torch and the model (e.g. on a bare GPU image), and `--model_outputs FILE` later scores that file where the metric
+libraries and feature weights are installed.
 """
 
 import argparse
+import io
 import json
 import logging
 import math
 import time
 from pathlib import Path
 
-import evaluate
 import numpy as np
 import torch
-from datasets import DatasetDict, load_from_disk
+from PIL import Image
 from tqdm.auto import tqdm
 
 from engraving_features import ImageFeatureExtractor, SentenceEmbedder, cosine_nearest_neighbours
 from modeling_engraving import EngravingModel, images_to_pixel_values, pixel_values_to_images, resize_and_pad
+from train import ImageFolderSplit
 
 
 logger = logging.getLogger(__name__)
@@ -41,7 +46,10 @@ def parse_args(argv=None):
     )
 
     group = parser.add_argument_group("model and data")
-    group.add_argument("--model", required=True, help="Folder of a model saved with `save_pretrained` (with its tokenizer).")
+    group.add_argument("--model", default=None, help="Folder of a model saved with `save_pretrained` (with its tokenizer).")
+    group.add_argument(
+        "--model_outputs", default=None, help="Score this file of --save_model_outputs instead of running a model."
+    )
     group.add_argument(
         "--dataset_path",
         required=True,
@@ -86,13 +94,32 @@ def parse_args(argv=None):
         help="`auto`: torchmetrics' Inception if it and its weights are installed, else EfficientNet-Lite0.",
     )
 
+    group.add_argument(
+        "--image_size",
+        type=int,
+        default=None,
+        help="Compare at this size: real images are fitted to it and the model's images resized to it (default: the "
+        "model's).",
+    )
+
     group = parser.add_argument_group("output")
+    group.add_argument(
+        "--save_model_outputs", default=None, help="Also write the model's images, captions and latents to this .npz."
+    )
+    group.add_argument(
+        "--no_scoring", action="store_true", help="Stop after --save_model_outputs: no metric libraries are needed."
+    )
+    group.add_argument("--jpeg_quality", type=int, default=95, help="JPEG quality of the images in --save_model_outputs.")
     group.add_argument("--output_dir", default="evaluation", help="Where report.json and report.md are written.")
     group.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="Torch device.")
 
     args = parser.parse_args(argv)
     if args.num_samples < 2:
         parser.error("--num_samples must be at least 2: FID and KID compare sets.")
+    if (args.model is None) == (args.model_outputs is None):
+        parser.error("Pass exactly one of --model and --model_outputs.")
+    if args.no_scoring and not args.save_model_outputs:
+        parser.error("--no_scoring needs --save_model_outputs: otherwise nothing would be written.")
     return args
 
 
@@ -107,13 +134,21 @@ def load_model(path, device):
 
 
 def load_splits(path, split, train_split):
-    """The held-out and training splits of the DatasetDict at `path` or at `path/dataset`."""
+    """
+    The held-out and training splits at `path`: its DatasetDict (at `path` or `path/dataset`), else its ImageFolder
+    folders with metadata.jsonl, read without the `datasets` library.
+    """
     path = Path(path)
     folder = next((p for p in (path, path / "dataset") if (p / "dataset_dict.json").is_file()), None)
+    if folder is None and all((path / name / "metadata.jsonl").is_file() for name in (split, train_split)):
+        return ImageFolderSplit(path / split), ImageFolderSplit(path / train_split)
     if folder is None:
         raise SystemExit(
-            f"--dataset_path {path} holds no DatasetDict saved with `save_to_disk` (nor does {path / 'dataset'})."
+            f"--dataset_path {path} holds no DatasetDict saved with `save_to_disk` (nor does {path / 'dataset'}), and "
+            f"no ImageFolder splits `{split}/` and `{train_split}/` with metadata.jsonl."
         )
+    from datasets import DatasetDict, load_from_disk
+
     splits = load_from_disk(str(folder))
     if not isinstance(splits, DatasetDict):
         raise SystemExit(
@@ -132,7 +167,8 @@ def take(dataset, limit, seed):
     """A seeded random subset of at most `limit` rows (all rows for `None` or 0)."""
     if not limit or limit >= len(dataset):
         return dataset
-    return dataset.shuffle(seed=seed).select(range(limit))
+    # The rows `Dataset.shuffle(seed=seed)` would put first: it permutes with this generator.
+    return dataset.select(np.random.default_rng(seed).permutation(len(dataset))[:limit])
 
 
 def model_view(dataset, image_size):
@@ -154,6 +190,83 @@ def encode_real_split(model, images, captions, batch_size):
         image_latents.append(latents.float().cpu())
         text_latents.append(model.embed_captions(chunk_captions).float().cpu())
     return reconstructions, predicted_captions, torch.cat(image_latents), torch.cat(text_latents)
+
+
+SAMPLING_ROWS = (("prior", True), ("no_prior", False))
+
+
+def model_outputs(model, real_images, real_captions, args):
+    """
+    All that evaluation asks of the model: reconstructions, greedy captions and alignment latents of the real images,
+    and the seed samples of each sampling row with their captions.
+    """
+    reconstructions, predicted_captions, image_latents, text_latents = encode_real_split(
+        model, real_images, real_captions, args.batch_size
+    )
+    outputs = {
+        "reconstructions": reconstructions,
+        "predicted_captions": predicted_captions,
+        "image_latents": image_latents,
+        "text_latents": text_latents,
+    }
+    seeds = list(range(args.seed, args.seed + args.num_samples))
+    for name, use_prior in SAMPLING_ROWS:
+        logger.info(f"Sampling {args.num_samples} engravings ({name}).")
+        samples = model.generate(
+            seeds=seeds, temperature=args.temperature, top_p=args.top_p, use_prior=use_prior, batch_size=args.batch_size
+        )
+        outputs[f"{name}_images"], outputs[f"{name}_captions"] = samples.images, samples.captions
+    return outputs
+
+
+IMAGE_OUTPUTS = ("reconstructions",) + tuple(f"{name}_images" for name, _ in SAMPLING_ROWS)
+
+
+def save_model_outputs(outputs, path, image_size, jpeg_quality):
+    """
+    Writes `model_outputs` to one .npz without pickles: images as JPEG bytes at `image_size` (small enough to carry
+    back from a GPU machine), captions as strings, latents as float32.
+    """
+    arrays = {"image_size": np.array(image_size)}
+    for key, value in outputs.items():
+        if key in IMAGE_OUTPUTS:
+            encoded = []
+            for image in value:
+                buffer = io.BytesIO()
+                resized([image], image_size)[0].save(buffer, "JPEG", quality=jpeg_quality, subsampling=0)
+                encoded.append(np.frombuffer(buffer.getvalue(), dtype=np.uint8))
+            arrays[f"{key}_offsets"] = np.cumsum([0] + [len(item) for item in encoded])
+            arrays[key] = np.concatenate(encoded)
+        elif isinstance(value, torch.Tensor):
+            arrays[key] = value.float().numpy()
+        else:
+            arrays[key] = np.array(value, dtype=str)
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    np.savez(path, **arrays)
+
+
+def load_model_outputs(path):
+    """The `model_outputs` dictionary written by `save_model_outputs`, and the size its images were saved at."""
+    with np.load(path, allow_pickle=False) as arrays:
+        outputs = {}
+        for key in arrays.files:
+            if key in IMAGE_OUTPUTS:
+                data, offsets = arrays[key], arrays[f"{key}_offsets"]
+                outputs[key] = [
+                    Image.open(io.BytesIO(data[start:stop].tobytes())).convert("RGB")
+                    for start, stop in zip(offsets[:-1], offsets[1:])
+                ]
+            elif arrays[key].dtype.kind == "U":
+                outputs[key] = arrays[key].tolist()
+            elif key.endswith("_latents"):
+                outputs[key] = torch.from_numpy(arrays[key])
+        return outputs, int(arrays["image_size"])
+
+
+def resized(images, image_size):
+    """The images as `image_size` squares (the model's are square already)."""
+    size = (image_size, image_size)
+    return [image if image.size == size else image.resize(size, Image.Resampling.LANCZOS) for image in images]
 
 
 def nearest_distances(features, bank_features):
@@ -191,9 +304,9 @@ def caption_neighbour_agreement(caption_embeddings, features, train_features, tr
     return {"caption_agreement": matched, "caption_agreement_shuffled": shuffled, "caption_agreement_gain": matched - shuffled}
 
 
-def evaluate_samples(samples, context, metrics, args):
+def evaluate_samples(images, captions, context, metrics, args):
     """Every sample metric of one sampling row: distribution distances, detail, captions, agreement, memorisation."""
-    features = context["extractor"](samples.images, description="sample features")
+    features = context["extractor"](images, description="sample features")
     kid = metrics["kid"].compute(
         predictions=features.numpy(),
         real_features=context["real_features"].numpy(),
@@ -201,10 +314,10 @@ def evaluate_samples(samples, context, metrics, args):
         num_subsets=args.kid_num_subsets,
         seed=args.seed,
     )
-    high_frequency = metrics["high_frequency_energy"].compute(predictions=samples.images)["high_frequency_share"]
-    captions = metrics["caption_quality"].compute(predictions=samples.captions, training_captions=context["train_captions"])
+    high_frequency = metrics["high_frequency_energy"].compute(predictions=images)["high_frequency_share"]
+    caption_quality = metrics["caption_quality"].compute(predictions=captions, training_captions=context["train_captions"])
     agreement = caption_neighbour_agreement(
-        context["embedder"](samples.captions),
+        context["embedder"](captions),
         features,
         context["train_features"],
         context["train_caption_embeddings"],
@@ -218,10 +331,10 @@ def evaluate_samples(samples, context, metrics, args):
         "kid_x1000": kid["kid_x1000"],
         "high_frequency_share": high_frequency,
         "high_frequency_ratio": high_frequency / max(context["real_high_frequency_share"], 1e-12),
-        **{f"caption_{key}": value for key, value in captions.items()},
+        **{f"caption_{key}": value for key, value in caption_quality.items()},
         **agreement,
         **memorisation(features, context["train_features"], context["near_copy_threshold"]),
-        "example_captions": samples.captions[:5],
+        "example_captions": captions[:5],
     }
 
 
@@ -234,7 +347,7 @@ def format_value(value):
 def render_markdown(report):
     """A human-readable report: setup, one table per section, and the sampling rows side by side."""
     lines = [f"# Evaluation of `{report['model']}`", ""]
-    setup = ("dataset", "split", "num_eval_images", "num_train_images_featurised", "num_samples")
+    setup = ("dataset", "split", "image_size", "num_eval_images", "num_train_images_featurised", "num_samples")
     setup += ("feature_extractor", "feature_backend", "device", "elapsed_seconds")
     lines += [f"- **{key}**: {format_value(report[key])}" for key in setup]
     for section in ("real_reference", "reconstruction", "validation_captions", "retrieval"):
@@ -268,15 +381,40 @@ def main(args):
     started = time.perf_counter()
     torch.manual_seed(args.seed)
     output_dir = Path(args.output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
 
-    model = load_model(args.model, args.device)
+    # The model's part: run the model, or read what an earlier run of it saved.
+    if args.model_outputs:
+        outputs, saved_size = load_model_outputs(args.model_outputs)
+        image_size = args.image_size or saved_size
+    else:
+        model = load_model(args.model, args.device)
+        image_size = args.image_size or model.config.image_size
     eval_split, train_split = load_splits(args.dataset_path, args.split, args.train_split)
     eval_split = take(eval_split, args.max_eval_images, args.seed)
-    real_images, real_captions = model_view(eval_split, model.config.image_size)
+    real_images, real_captions = model_view(eval_split, image_size)
+    if args.model_outputs:
+        if len(outputs["reconstructions"]) != len(real_images):
+            raise SystemExit(
+                f"{args.model_outputs} holds {len(outputs['reconstructions'])} reconstructions but the `{args.split}` "
+                f"split has {len(real_images)} images: pass the dataset and --max_eval_images of the saving run."
+            )
+    else:
+        outputs = model_outputs(model, model_view(eval_split, model.config.image_size)[0], real_captions, args)
+    if args.save_model_outputs:
+        save_model_outputs(outputs, args.save_model_outputs, image_size, args.jpeg_quality)
+        logger.info(f"Wrote the model's outputs to {args.save_model_outputs}.")
+        if args.no_scoring:
+            return None
+    for key in IMAGE_OUTPUTS:
+        outputs[key] = resized(outputs[key], image_size)
+
+    # Scoring: the metric libraries and the feature extractors are needed from here on.
+    import evaluate
+
+    output_dir.mkdir(parents=True, exist_ok=True)
     train_captions = list(train_split["caption"])
     train_bank = take(train_split, args.max_train_images, args.seed)
-    train_bank_images, train_bank_captions = model_view(train_bank, model.config.image_size)
+    train_bank_images, train_bank_captions = model_view(train_bank, image_size)
     logger.info(
         f"{len(real_images)} `{args.split}` images; {len(train_bank_images)} of {len(train_captions)} training images "
         "featurised."
@@ -304,9 +442,7 @@ def main(args):
         **memorisation(context["real_features"], context["train_features"], context["near_copy_threshold"]),
     }
 
-    reconstructions, predicted_captions, image_latents, text_latents = encode_real_split(
-        model, real_images, real_captions, args.batch_size
-    )
+    predicted_captions = outputs["predicted_captions"]
     validation_captions = {
         "bleu": metrics["bleu"].compute(
             predictions=predicted_captions, references=[[caption] for caption in real_captions]
@@ -314,30 +450,28 @@ def main(args):
         **metrics["caption_quality"].compute(predictions=predicted_captions, training_captions=train_captions),
         "example_captions": predicted_captions[:5],
     }
-
-    sampling = {}
-    seeds = list(range(args.seed, args.seed + args.num_samples))
-    for name, use_prior in (("prior", True), ("no_prior", False)):
-        logger.info(f"Sampling {args.num_samples} engravings ({name}).")
-        samples = model.generate(
-            seeds=seeds, temperature=args.temperature, top_p=args.top_p, use_prior=use_prior, batch_size=args.batch_size
-        )
-        sampling[name] = evaluate_samples(samples, context, metrics, args)
+    sampling = {
+        name: evaluate_samples(outputs[f"{name}_images"], outputs[f"{name}_captions"], context, metrics, args)
+        for name, _ in SAMPLING_ROWS
+    }
 
     report = {
-        "model": str(args.model),
+        "model": str(args.model or args.model_outputs),
         "dataset": str(args.dataset_path),
         "split": args.split,
+        "image_size": image_size,
         "num_eval_images": len(real_images),
         "num_train_images_featurised": len(train_bank_images),
-        "num_samples": args.num_samples,
+        "num_samples": len(outputs["prior_images"]),
         "feature_extractor": extractor.name,
         "feature_backend": extractor.backend,
         "device": args.device,
         "real_reference": real_reference,
-        "reconstruction": metrics["reconstruction"].compute(predictions=reconstructions, references=real_images),
+        "reconstruction": metrics["reconstruction"].compute(predictions=outputs["reconstructions"], references=real_images),
         "validation_captions": validation_captions,
-        "retrieval": metrics["retrieval"].compute(predictions=image_latents.numpy(), references=text_latents.numpy()),
+        "retrieval": metrics["retrieval"].compute(
+            predictions=outputs["image_latents"].numpy(), references=outputs["text_latents"].numpy()
+        ),
         "sampling": sampling,
         "elapsed_seconds": round(time.perf_counter() - started, 1),
     }

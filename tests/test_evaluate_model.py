@@ -2,6 +2,9 @@
 
 import json
 import math
+import os
+import subprocess
+import sys
 
 import evaluate
 import numpy as np
@@ -233,3 +236,38 @@ def test_report_of_a_tiny_model_has_every_metric_for_both_sampling_rows_and_all_
             assert math.isfinite(report[section][key]), f"{section}.{key}"
     assert report["retrieval"]["num_pairs"] == report["num_eval_images"] == 8
     assert "| kid_x1000 |" in (tmp_path / "report.md").read_text()
+
+
+def test_outputs_saved_without_the_metric_libraries_score_like_a_direct_run(
+    tiny_model_dir, tiny_dataset_dir, tiny_image_folder_dir, without_datasets_library, tmp_path
+):
+    """The GPU-side half (no `datasets`, no `evaluate`, ImageFolder data) and the scoring half give the direct report."""
+    common = ["--num_samples", "6", "--kid_num_subsets", "10", "--max_train_images", "12", "--feature_extractor",
+              "efficientnet-lite0", "--jpeg_quality", "100"]
+    saved = tmp_path / "outputs.npz"
+    command = [sys.executable, str(REPO_ROOT / "evaluate_model.py"), "--model", str(tiny_model_dir), "--dataset_path",
+               str(tiny_image_folder_dir), "--save_model_outputs", str(saved), "--no_scoring", *common]
+    environment = {**os.environ, "OMP_NUM_THREADS": "1", **without_datasets_library}
+    result = subprocess.run(command, env=environment, capture_output=True, text=True, timeout=240)
+    assert result.returncode == 0, result.stderr[-3000:]
+
+    direct = main(parse_args(["--model", str(tiny_model_dir), "--dataset_path", str(tiny_dataset_dir),
+                              "--output_dir", str(tmp_path / "direct"), *common]))
+    scored = main(parse_args(["--model_outputs", str(saved), "--dataset_path", str(tiny_dataset_dir),
+                              "--output_dir", str(tmp_path / "scored"), *common]))
+
+    assert scored["retrieval"] == direct["retrieval"]
+    assert scored["validation_captions"] == direct["validation_captions"]
+    for row in ("prior", "no_prior"):
+        assert scored["sampling"][row]["example_captions"] == direct["sampling"][row]["example_captions"]
+        # The images travel as JPEG (quality 100 here): the scores move by rounding, not more.
+        for key in ("kid_x1000", "high_frequency_ratio", "caption_agreement"):
+            assert scored["sampling"][row][key] == pytest.approx(direct["sampling"][row][key], rel=0.05, abs=1.0), key
+    assert scored["reconstruction"]["psnr"] == pytest.approx(direct["reconstruction"]["psnr"], abs=1.0)
+
+
+def test_model_and_model_outputs_are_exclusive(tmp_path):
+    with pytest.raises(SystemExit):
+        parse_args(["--dataset_path", str(tmp_path)])
+    with pytest.raises(SystemExit):
+        parse_args(["--model", "m", "--model_outputs", "o.npz", "--dataset_path", str(tmp_path)])
