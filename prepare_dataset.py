@@ -92,6 +92,8 @@ def parse_args(argv=None):
 
     processing = parser.add_argument_group("processing")
     processing.add_argument("--image_size", type=int, default=512, help="Side of the square output images.")
+    processing.add_argument("--jpeg_quality", type=int, default=JPEG_QUALITY,
+                            help="Quality of the JPEG files written for JPEG sources (lower it for a compact copy to carry).")
     processing.add_argument("--num_proc", type=int, default=1, help="Worker processes for reading and resizing.")
     processing.add_argument("--val_fraction", type=float, default=0.1, help="Fraction of images in the validation split.")
 
@@ -351,7 +353,7 @@ def process_item(item):
     file_name = f"{sha256[:16]}.{'jpg' if lossy else 'png'}"
     temporary = os.path.join(settings["staging_dir"], f".{file_name}.{os.getpid()}")
     if lossy:
-        square.save(temporary, format="JPEG", quality=JPEG_QUALITY, subsampling=0)
+        square.save(temporary, format="JPEG", quality=settings.get("jpeg_quality", JPEG_QUALITY), subsampling=0)
     else:
         square.save(temporary, format="PNG", compress_level=PNG_COMPRESSION)
     os.replace(temporary, os.path.join(settings["staging_dir"], file_name))
@@ -713,6 +715,7 @@ def main(args):
         "image_size": args.image_size,
         "min_size": args.min_size,
         "max_pixels": args.max_pixels,
+        "jpeg_quality": args.jpeg_quality,
         "staging_dir": os.path.join(args.output_dir, "train"),
     }
     records = process_all(items, settings, args.num_proc)
