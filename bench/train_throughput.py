@@ -28,6 +28,7 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
+from torch.utils.flop_counter import FlopCounterMode
 
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -46,6 +47,9 @@ def parse_args():
     parser.add_argument("--warmup_steps", type=int, default=10, help="Untimed steps first (compilation, allocator, cuDNN autotuning); rounded up to a multiple of --num_steps.")
     parser.add_argument("--mixed_precision", default="bf16" if torch.cuda.is_available() else "no", choices=["no", "fp16", "bf16"], help="Autocast precision.")
     parser.add_argument("--torch_compile", action="store_true", help="Compile the model in both measurements.")
+    parser.add_argument("--adversarial_loss_weight", type=float, default=None, help="Weight of the adversarial loss; 0 leaves the discriminator out (default: the preset's).")
+    parser.add_argument("--config_overrides", nargs="*", default=[], metavar="KEY=VALUE", help="EngravingConfig fields for both measurements, e.g. encoder_channels=[8,16,32,64,128,256,256,256].")
+    parser.add_argument("--compute_only", action="store_true", help="Measure (a) only, e.g. to compare model variants.")
     parser.add_argument("--dataset_path", default=None, help="A prepared dataset for (b); default: a procedural demo dataset made here.")
     parser.add_argument("--num_images", type=int, default=512, help="Size of the procedural demo dataset, without --dataset_path.")
     parser.add_argument("--output_dir", default=None, help="Working folder (default: a temporary one).")
@@ -68,6 +72,10 @@ def train_flags(args, dataset_path, output_dir, total_steps):
     flags += ["--mixed_precision", args.mixed_precision, "--adversarial_start_step", "0", "--max_train_steps", str(total_steps)]
     flags += ["--logging_steps", str(args.num_steps), "--validation_epochs", "1000000", "--checkpointing_steps", "1000000000"]
     flags += ["--prior_fit_steps", "1", "--num_validation_samples", "1", "--report_to", "none"]
+    if args.adversarial_loss_weight is not None:
+        flags += ["--adversarial_loss_weight", str(args.adversarial_loss_weight)]
+    if args.config_overrides:
+        flags += ["--config_overrides", *args.config_overrides]
     return flags + (["--torch_compile"] if args.torch_compile else [])
 
 
@@ -94,10 +102,8 @@ def compute_only_images_per_second(train_args, warmup_steps, num_steps):
         pixel_values = pixel_values.contiguous(memory_format=torch.channels_last)
     input_ids = torch.randint(4, config.vocab_size, (batch, config.max_caption_length), device=device)
     attention_mask = torch.ones_like(input_ids)
-    for step in range(warmup_steps + num_steps):
-        if step == warmup_steps:
-            synchronize(device)
-            start = time.perf_counter()
+
+    def training_step():
         forward_backward(
             accelerator, model, discriminator, discriminator_optimizer, pixel_values, input_ids, attention_mask,
             config.adversarial_loss_weight, 1, True,
@@ -105,8 +111,19 @@ def compute_only_images_per_second(train_args, warmup_steps, num_steps):
         accelerator.clip_grad_norm_(model.parameters(), train_args.max_grad_norm)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+
+    for step in range(warmup_steps + num_steps):
+        if step == warmup_steps:
+            synchronize(device)
+            start = time.perf_counter()
+        training_step()
     synchronize(device)
-    return num_steps * batch / (time.perf_counter() - start), str(device)
+    images_per_second = num_steps * batch / (time.perf_counter() - start)
+    # The matrix and convolution FLOPs of one step (forward, backward, discriminator), to set the throughput
+    # against the chip's rate. Counted eagerly: a compiled model hides its operations from the counter.
+    with FlopCounterMode(display=False) as counter:
+        training_step()
+    return images_per_second, str(device), counter.get_total_flops() / batch
 
 
 def real_loop_images_per_second(flags, output_dir):
@@ -126,8 +143,10 @@ def main():
     warmup_steps = math.ceil(args.warmup_steps / args.num_steps) * args.num_steps
     flags = train_flags(args, dataset_path, output_dir, warmup_steps + args.num_steps)
 
-    compute_only, device = compute_only_images_per_second(parse_train_args(flags), warmup_steps, args.num_steps)
-    real_loop = real_loop_images_per_second(flags, output_dir)
+    compute_only, device, flops_per_image = compute_only_images_per_second(
+        parse_train_args(flags), warmup_steps, args.num_steps
+    )
+    real_loop = None if args.compute_only else real_loop_images_per_second(flags, output_dir)
     results = {
         "preset": args.preset,
         "image_size": args.image_size,
@@ -136,9 +155,13 @@ def main():
         "torch_compile": args.torch_compile,
         "device": torch.cuda.get_device_name() if device.startswith("cuda") else f"{platform.processor() or 'cpu'} x{torch.get_num_threads()} threads",
         "timed_steps": args.num_steps,
+        "adversarial_loss_weight": args.adversarial_loss_weight,
+        "config_overrides": args.config_overrides,
+        "training_gflop_per_image": round(flops_per_image / 1e9, 2),
         "compute_only_images_per_second": round(compute_only, 2),
-        "train_loop_images_per_second": round(real_loop, 2),
-        "ratio": round(real_loop / compute_only, 3),
+        "compute_only_tflop_per_second": round(flops_per_image * compute_only / 1e12, 2),
+        "train_loop_images_per_second": None if real_loop is None else round(real_loop, 2),
+        "ratio": None if real_loop is None else round(real_loop / compute_only, 3),
     }
     print(json.dumps(results, indent=2))
     if args.output_json:
