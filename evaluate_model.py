@@ -33,7 +33,7 @@ from tqdm.auto import tqdm
 
 from engraving_features import ImageFeatureExtractor, SentenceEmbedder, cosine_nearest_neighbours
 from modeling_engraving import EngravingModel, images_to_pixel_values, pixel_values_to_images, resize_and_pad
-from train import ImageFolderSplit
+from train import ImageFolderSplit, has_image_folder_splits, saved_dataset_dict_folder
 
 
 logger = logging.getLogger(__name__)
@@ -139,8 +139,8 @@ def load_splits(path, split, train_split):
     folders with metadata.jsonl, read without the `datasets` library.
     """
     path = Path(path)
-    folder = next((p for p in (path, path / "dataset") if (p / "dataset_dict.json").is_file()), None)
-    if folder is None and all((path / name / "metadata.jsonl").is_file() for name in (split, train_split)):
+    folder = saved_dataset_dict_folder(path, (split, train_split))
+    if folder is None and has_image_folder_splits(path, (split, train_split)):
         return ImageFolderSplit(path / split), ImageFolderSplit(path / train_split)
     if folder is None:
         raise SystemExit(

@@ -170,15 +170,34 @@ class ImageFolderSplit:
         return subset
 
 
+def saved_dataset_dict_folder(path, splits):
+    """
+    `path` or `path/dataset` if a DatasetDict was saved there with `save_to_disk`, else None. Also None where the
+    `datasets` library is missing and `path` holds the ImageFolder `splits` that prepare_dataset.py writes beside it.
+    """
+    path = Path(path)
+    saved = next((folder for folder in (path, path / "dataset") if (folder / "dataset_dict.json").is_file()), None)
+    if saved is not None and has_image_folder_splits(path, splits):
+        try:
+            import datasets  # noqa: F401
+        except ImportError:
+            return None
+    return saved
+
+
+def has_image_folder_splits(path, splits):
+    return all((Path(path) / split / "metadata.jsonl").is_file() for split in splits)
+
+
 def load_dataset_dict(path):
     """
     The `train` and `validation` splits at `path`: its `dataset/` DatasetDict (or `path` itself) saved with
     `save_to_disk`, else its ImageFolder folders `train/` and `validation/` with their `metadata.jsonl`.
     """
-    path = Path(path)
-    saved = next((folder for folder in (path / "dataset", path) if (folder / "dataset_dict.json").is_file()), None)
-    if saved is None and all((path / split / "metadata.jsonl").is_file() for split in ("train", "validation")):
-        return {split: ImageFolderSplit(path / split) for split in ("train", "validation")}
+    path, splits = Path(path), ("train", "validation")
+    saved = saved_dataset_dict_folder(path, splits)
+    if saved is None and has_image_folder_splits(path, splits):
+        return {split: ImageFolderSplit(path / split) for split in splits}
     if saved is None:
         sys.exit(
             f"No dataset at {path}: pass --dataset_path a folder written by prepare_dataset.py (a `dataset/` saved "

@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import sys
 from pathlib import Path
 
@@ -93,10 +94,14 @@ def tiny_dataset_dir(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def tiny_image_folder_dir(tiny_dataset_dir, tmp_path_factory):
-    """The tiny DatasetDict's splits as prepare_dataset.py's ImageFolder layout: PNGs beside a metadata.jsonl."""
+    """
+    The tiny DatasetDict's splits as prepare_dataset.py's ImageFolder layout (PNGs beside a metadata.jsonl), next to a
+    copy of the DatasetDict itself, as prepare_dataset.py leaves them.
+    """
     from datasets import load_from_disk
 
     path = tmp_path_factory.mktemp("tiny_image_folder")
+    shutil.copytree(tiny_dataset_dir / "dataset", path / "dataset")
     for name, split in load_from_disk(str(tiny_dataset_dir / "dataset")).items():
         (path / name).mkdir()
         rows = []
