@@ -163,7 +163,11 @@ class EngravingConfig(PretrainedConfig):
         self.latent_statistics_momentum = latent_statistics_momentum
         """Momentum of the running mean and std that standardise latents for the prior."""
         self.adversarial_loss_weight = adversarial_loss_weight
-        """Weight of the hinge adversarial loss on reconstructions (0 turns the discriminator off)."""
+        """
+        Weight of the hinge adversarial loss on reconstructions, relative to the reconstruction loss: train.py scales the
+        adversarial gradient at the decoder's output layer to this share of the reconstruction gradient there (0 turns
+        the discriminator off).
+        """
         self.adversarial_start_step = adversarial_start_step
         """Optimizer step at which the adversarial loss starts, once reconstructions have structure."""
         self.discriminator_channels = list(discriminator_channels)

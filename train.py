@@ -377,6 +377,17 @@ def average_gradients(accelerator, module):
         gradient.copy_(averaged)
 
 
+def adversarial_balance(loss_reconstruction, loss_adversarial, output_layer):
+    """
+    The factor that gives the adversarial loss's gradient at the decoder's output layer the norm of the
+    reconstruction loss's (as in VQGAN), so `adversarial_loss_weight` is a share of the reconstruction signal. A fixed
+    weight let the discriminator's unbounded hinge term take over: samples collapsed to one checkerboard artefact.
+    """
+    gradient_reconstruction = torch.autograd.grad(loss_reconstruction, output_layer, retain_graph=True)[0]
+    gradient_adversarial = torch.autograd.grad(loss_adversarial, output_layer, retain_graph=True)[0]
+    return (gradient_reconstruction.norm() / (gradient_adversarial.norm() + 1e-4)).clamp(max=1e4).detach()
+
+
 def forward_backward(
     accelerator, model, discriminator, discriminator_optimizer, pixel_values, input_ids, attention_mask,
     adversarial_weight, gradient_accumulation_steps, sync_gradients,
@@ -392,7 +403,14 @@ def forward_backward(
             loss = outputs.loss
             if adversarial_weight > 0:
                 loss_adversarial = discriminator.generator_loss(outputs.reconstructions)
-                loss = loss + adversarial_weight * loss_adversarial
+        if adversarial_weight > 0:
+            unwrapped = accelerator.unwrap_model(model)
+            balance = adversarial_balance(
+                unwrapped.config.reconstruction_loss_weight * outputs.loss_reconstruction,
+                loss_adversarial,
+                unwrapped.image_decoder.conv_out.weight,
+            )
+            loss = loss + adversarial_weight * balance * loss_adversarial
         if not all_processes_finite(accelerator, loss):
             return None
         accelerator.backward(loss / gradient_accumulation_steps)

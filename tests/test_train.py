@@ -7,10 +7,11 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from conftest import REPO_ROOT
 from modeling_engraving import EngravingModel
-from train import TRAINING_STATE_NAME, resolve_resume_path, parse_args
+from train import TRAINING_STATE_NAME, adversarial_balance, resolve_resume_path, parse_args
 
 
 # 24 training images at batch 8: 3 steps per epoch, an evaluation at the end of each.
@@ -137,7 +138,8 @@ def test_two_processes_split_the_batch_and_only_the_main_one_logs_and_saves(tiny
     )
     result = run_train(
         tiny_dataset_dir, tmp_path / "run", "--max_train_steps", "3", "--train_batch_size", "4",
-        "--checkpointing_steps", "3", launcher=launcher, environment={"ACCELERATE_USE_CPU": "1"},
+        "--checkpointing_steps", "3", "--adversarial_start_step", "1",
+        launcher=launcher, environment={"ACCELERATE_USE_CPU": "1"},
     )
     assert result.returncode == 0, result.stderr[-3000:]
     run = tmp_path / "run"
@@ -163,3 +165,14 @@ def test_image_folder_splits_train_without_the_datasets_library_exactly_as_the_d
     assert result.returncode == 0, result.stderr[-3000:]
     assert step_losses(output_dir) == step_losses(uninterrupted_run)
     assert validation_records(output_dir) == validation_records(uninterrupted_run)
+
+
+def test_adversarial_balance_gives_the_adversarial_gradient_the_reconstruction_gradients_norm():
+    output_layer = torch.nn.Parameter(torch.randn(4, 3))
+    direction = torch.randn(4, 3)
+    loss_reconstruction = (output_layer * direction).sum()
+    loss_adversarial = 40 * (output_layer * torch.randn(4, 3)).sum()
+    balance = adversarial_balance(loss_reconstruction, loss_adversarial, output_layer)
+    gradient = torch.autograd.grad(balance * loss_adversarial, output_layer)[0]
+    assert not balance.requires_grad
+    assert gradient.norm().item() == pytest.approx(direction.norm().item(), rel=1e-3)
