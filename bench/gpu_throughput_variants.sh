@@ -2,7 +2,7 @@
 # Compute-only training throughput (bench/train_throughput.py (a), with its FLOP count) of the base preset at 512 px
 # and of variants, in one call of a lent GPU: where the step's time goes, and what a lighter model would gain.
 #
-#   bash bench/gpu_throughput_variants.sh .device_data/engravings_384 "$OUT"
+#   bash bench/gpu_throughput_variants.sh data/engravings_384 gpu_out
 set -uo pipefail
 DATA=${1:?DATA folder}
 OUT=${2:?OUT folder}
