@@ -399,7 +399,11 @@ def main(args):
                 f"split has {len(real_images)} images: pass the dataset and --max_eval_images of the saving run."
             )
     else:
-        outputs = model_outputs(model, model_view(eval_split, model.config.image_size)[0], real_captions, args)
+        # The model sees the split fitted to its own size: decode it again only when the comparison size differs.
+        model_images = real_images
+        if image_size != model.config.image_size:
+            model_images = model_view(eval_split, model.config.image_size)[0]
+        outputs = model_outputs(model, model_images, real_captions, args)
     if args.save_model_outputs:
         save_model_outputs(outputs, args.save_model_outputs, image_size, args.jpeg_quality)
         logger.info(f"Wrote the model's outputs to {args.save_model_outputs}.")

@@ -353,7 +353,7 @@ def process_item(item):
     file_name = f"{sha256[:16]}.{'jpg' if lossy else 'png'}"
     temporary = os.path.join(settings["staging_dir"], f".{file_name}.{os.getpid()}")
     if lossy:
-        square.save(temporary, format="JPEG", quality=settings.get("jpeg_quality", JPEG_QUALITY), subsampling=0)
+        square.save(temporary, format="JPEG", quality=settings["jpeg_quality"], subsampling=0)
     else:
         square.save(temporary, format="PNG", compress_level=PNG_COMPRESSION)
     os.replace(temporary, os.path.join(settings["staging_dir"], file_name))
