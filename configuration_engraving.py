@@ -7,28 +7,31 @@ from transformers import PretrainedConfig
 
 ENGRAVING_PRESETS = {
     # The reference design: 512 px, one 1024-d latent, a 3-layer 8-head 512-d caption decoder. Its convolutions
-    # are narrow at full resolution, where every channel costs the most (latency and throughput).
+    # run on 4x4 pixel patches, at 128 px and below: full-resolution activations would bound a GPU by memory traffic.
     "base": {},
     # Trains on a CPU in minutes at 128 px.
     "small": {
         "image_size": 128,
         "latent_size": 256,
-        "encoder_channels": [16, 32, 64, 128, 256, 256],
-        "decoder_channels": [32, 64, 128, 192, 256, 256],
+        "patch_size": 2,
+        "encoder_channels": [32, 64, 128, 256, 256],
+        "decoder_channels": [64, 128, 192, 256, 256],
         "text_hidden_size": 256,
         "text_num_heads": 4,
         "text_num_layers": 2,
         "text_encoder_num_layers": 1,
         "prior_hidden_size": 512,
         "prior_num_layers": 3,
+        "discriminator_patch_size": 1,
         "discriminator_channels": [32, 64, 128, 256],
     },
     # `make demo`: the procedural demo scenes at 64 px, trained on 2 CPU cores in a few minutes (no discriminator).
     "demo": {
         "image_size": 64,
         "latent_size": 128,
-        "encoder_channels": [8, 16, 32, 64, 128],
-        "decoder_channels": [16, 32, 64, 128, 128],
+        "patch_size": 2,
+        "encoder_channels": [32, 32, 64, 128],
+        "decoder_channels": [32, 64, 64, 128],
         "text_hidden_size": 128,
         "text_num_heads": 4,
         "text_num_layers": 2,
@@ -42,8 +45,9 @@ ENGRAVING_PRESETS = {
     "tiny": {
         "image_size": 32,
         "latent_size": 32,
-        "encoder_channels": [8, 16, 32, 32],
-        "decoder_channels": [8, 16, 32, 32],
+        "patch_size": 2,
+        "encoder_channels": [8, 16, 32],
+        "decoder_channels": [8, 16, 32],
         "text_hidden_size": 32,
         "text_num_heads": 2,
         "text_num_layers": 1,
@@ -76,9 +80,10 @@ class EngravingConfig(PretrainedConfig):
         image_size=512,
         num_channels=3,
         latent_size=1024,
+        patch_size=4,
         bottleneck_size=4,
-        encoder_channels=(16, 32, 64, 128, 256, 256, 256, 256),
-        decoder_channels=(16, 32, 64, 128, 256, 256, 256, 256),
+        encoder_channels=(64, 128, 256, 256, 256, 256),
+        decoder_channels=(64, 128, 256, 256, 256, 256),
         decoder_blocks_per_level=1,
         norm_num_groups=8,
         text_hidden_size=512,
@@ -104,6 +109,8 @@ class EngravingConfig(PretrainedConfig):
         latent_statistics_momentum=0.01,
         adversarial_loss_weight=0.1,
         adversarial_start_step=500,
+        adversarial_sample_fraction=0.5,
+        discriminator_patch_size=2,
         discriminator_channels=(64, 128, 256, 512),
         diff_augment=True,
         initializer_range=0.02,
@@ -116,6 +123,12 @@ class EngravingConfig(PretrainedConfig):
         """Colour channels of the images (3: RGB, which keeps the paper tone)."""
         self.latent_size = latent_size
         """Dimension of the one shared latent vector per image."""
+        self.patch_size = patch_size
+        """
+        Side of the pixel patches that the encoder folds into channels (pixel unshuffle) and the decoder unfolds
+        (pixel shuffle), so the convolutions run at `image_size / patch_size`: wide and short rather than narrow and
+        long at full resolution, where memory traffic, not arithmetic, bounds a GPU.
+        """
         self.bottleneck_size = bottleneck_size
         """Side of the spatial grid at the bottom of the encoder and the top of the decoder."""
         self.encoder_channels = list(encoder_channels)
@@ -170,16 +183,25 @@ class EngravingConfig(PretrainedConfig):
         """
         self.adversarial_start_step = adversarial_start_step
         """Optimizer step at which the adversarial loss starts, once reconstructions have structure."""
+        self.adversarial_sample_fraction = adversarial_sample_fraction
+        """
+        Latents drawn from the Gaussian of the encoder's latents and decoded for the discriminator, per training image,
+        beside the reconstructions (as in VAE-GAN): the adversarial loss then shapes the images drawn from seeds, not
+        only those of the training set's own latents.
+        """
+        self.discriminator_patch_size = discriminator_patch_size
+        """Side of the pixel patches the discriminator folds into channels before its strided convolutions."""
         self.discriminator_channels = list(discriminator_channels)
         """Widths of the patch discriminator's stride-2 convolutions."""
         self.diff_augment = diff_augment
         """Apply differentiable augmentation (DiffAugment) to both discriminator inputs, for small data."""
         self.initializer_range = initializer_range
         """Standard deviation of the normal initialisation of linear and embedding weights."""
-        side = image_size // bottleneck_size
-        if image_size % bottleneck_size or side & (side - 1):
+        side = image_size // (patch_size * bottleneck_size)
+        if image_size % (patch_size * bottleneck_size) or side < 1 or side & (side - 1):
             raise ValueError(
-                f"image_size ({image_size}) must be bottleneck_size ({bottleneck_size}) times a power of two."
+                f"image_size ({image_size}) must be patch_size ({patch_size}) x bottleneck_size ({bottleneck_size}) "
+                "times a power of two."
             )
         super().__init__(
             pad_token_id=pad_token_id,
@@ -191,8 +213,8 @@ class EngravingConfig(PretrainedConfig):
 
     @property
     def num_levels(self):
-        """Number of 2x up/downsampling stages between `image_size` and `bottleneck_size`."""
-        return max(0, (self.image_size // self.bottleneck_size).bit_length() - 1)
+        """Number of 2x up/downsampling stages between `image_size / patch_size` and `bottleneck_size`."""
+        return max(0, (self.image_size // (self.patch_size * self.bottleneck_size)).bit_length() - 1)
 
     @classmethod
     def from_preset(cls, name, **kwargs):

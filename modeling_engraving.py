@@ -35,6 +35,8 @@ class EngravingOutput(ModelOutput):
         loss_contrastive (`torch.FloatTensor` of shape `()`): symmetric InfoNCE between image and text latents.
         loss_prior (`torch.FloatTensor` of shape `()`): flow-matching loss of the latent prior.
         reconstructions (`torch.FloatTensor` of shape `(batch, channels, height, width)`): decoded images in [-1, 1].
+        sampled_images (`torch.FloatTensor` of shape `(num_sampled_images, channels, height, width)`): images decoded
+            from latents drawn from the Gaussian of the encoder's latents, for the adversarial loss.
         latents (`torch.FloatTensor` of shape `(batch, latent_size)`): posterior means of the images.
         latent_logvar (`torch.FloatTensor` of shape `(batch, latent_size)`): posterior log-variances.
         text_latents (`torch.FloatTensor` of shape `(batch, latent_size)`): the captions mapped into the latent space.
@@ -48,6 +50,7 @@ class EngravingOutput(ModelOutput):
     loss_contrastive: torch.FloatTensor | None = None
     loss_prior: torch.FloatTensor | None = None
     reconstructions: torch.FloatTensor | None = None
+    sampled_images: torch.FloatTensor | None = None
     latents: torch.FloatTensor | None = None
     latent_logvar: torch.FloatTensor | None = None
     text_latents: torch.FloatTensor | None = None
@@ -216,12 +219,16 @@ class EngravingTransformerLayer(nn.Module):
 
 
 class EngravingImageEncoder(nn.Module):
-    """CNN from `(batch, channels, image_size, image_size)` pixels to the posterior mean and log-variance of the latent."""
+    """
+    CNN from `(batch, channels, image_size, image_size)` pixels to the posterior mean and log-variance of the latent;
+    pixel patches are folded into channels first.
+    """
 
     def __init__(self, config):
         super().__init__()
         widths = level_widths(config.encoder_channels, config.num_levels)
-        self.stem = nn.Conv2d(config.num_channels, widths[0], 3, padding=1)
+        self.unshuffle = nn.PixelUnshuffle(config.patch_size)
+        self.stem = nn.Conv2d(config.num_channels * config.patch_size**2, widths[0], 3, padding=1)
         self.levels = nn.ModuleList(
             nn.Sequential(
                 EngravingResidualBlock(widths[level], widths[level], config.norm_num_groups),
@@ -234,7 +241,7 @@ class EngravingImageEncoder(nn.Module):
         self.to_moments = nn.Linear(widths[-1] * config.bottleneck_size**2, 2 * config.latent_size)
 
     def forward(self, pixel_values):
-        hidden_states = self.stem(pixel_values)
+        hidden_states = self.stem(self.unshuffle(pixel_values))
         for level in self.levels:
             hidden_states = level(hidden_states)
         hidden_states = F.silu(self.norm_out(self.bottleneck(hidden_states)))
@@ -243,7 +250,10 @@ class EngravingImageEncoder(nn.Module):
 
 
 class EngravingImageDecoder(nn.Module):
-    """CNN from `(batch, latent_size)` latents up to `(batch, channels, image_size, image_size)` pixels in about [-1, 1]."""
+    """
+    CNN from `(batch, latent_size)` latents up to `(batch, channels, image_size, image_size)` pixels in about [-1, 1];
+    its last convolution writes each pixel patch as channels, unfolded by a pixel shuffle.
+    """
 
     def __init__(self, config):
         super().__init__()
@@ -263,7 +273,8 @@ class EngravingImageDecoder(nn.Module):
             for level in reversed(range(config.num_levels))
         )
         self.norm_out = group_norm(self.widths[0], config.norm_num_groups)
-        self.conv_out = nn.Conv2d(self.widths[0], config.num_channels, 3, padding=1)
+        self.conv_out = nn.Conv2d(self.widths[0], config.num_channels * config.patch_size**2, 3, padding=1)
+        self.shuffle = nn.PixelShuffle(config.patch_size)
 
     def forward(self, latents):
         hidden_states = self.from_latent(latents).view(
@@ -272,7 +283,7 @@ class EngravingImageDecoder(nn.Module):
         hidden_states = self.bottleneck(hidden_states)
         for level in self.levels:
             hidden_states = level(hidden_states)
-        return self.conv_out(F.silu(self.norm_out(hidden_states)))
+        return self.shuffle(self.conv_out(F.silu(self.norm_out(hidden_states))))
 
 
 class EngravingTextEncoder(nn.Module):
@@ -413,7 +424,8 @@ class EngravingDiscriminator(nn.Module):
     def __init__(self, config):
         super().__init__()
         self.diff_augment = config.diff_augment
-        layers, in_channels = [], config.num_channels
+        layers = [nn.PixelUnshuffle(config.discriminator_patch_size)]
+        in_channels = config.num_channels * config.discriminator_patch_size**2
         for width in config.discriminator_channels:
             layers += [nn.Conv2d(in_channels, width, 4, stride=2, padding=1), nn.LeakyReLU(0.2)]
             in_channels = width
@@ -455,19 +467,31 @@ class EngravingPreTrainedModel(PreTrainedModel):
         elif isinstance(module, (nn.LayerNorm, nn.GroupNorm)) and module.weight is not None:
             init.ones_(module.weight)
             init.zeros_(module.bias)
+        if isinstance(module, EngravingModel):
+            init.constant_(module.logit_scale, math.log(1 / 0.07))
+            init.zeros_(module.latent_mean)
+            init.ones_(module.latent_std)
+            # transformers skips `_init_weights` on remote-code modules that hold no parameters of their own, such as
+            # the blocks below; the model is initialised after its children, so it sets theirs over their layers'.
+            for block in module.modules():
+                self._init_block_weights(block)
+
+    def _init_block_weights(self, module):
         if isinstance(module, EngravingResidualBlock):
             # Each block starts as the identity, so deep decoders train from the first step.
             init.zeros_(module.conv2.weight)
+        elif isinstance(module, EngravingImageDecoder):
+            # ICNR (Aitken et al., 2017): every pixel of a patch starts with its colour's same filter, so the pixel
+            # shuffle starts as a nearest-neighbour upsampling, free of the checkerboard that random filters draw.
+            patch_pixels = self.config.patch_size**2
+            init.copy_(module.conv_out.weight, module.conv_out.weight[::patch_pixels].repeat_interleave(patch_pixels, 0))
         elif isinstance(module, EngravingLatentPrior):
             init.zeros_(module.null_condition)
             init.zeros_(module.output_projection.weight)
         elif isinstance(module, EngravingPriorBlock):
+            # adaLN-zero: each block starts as the identity.
             init.zeros_(module.modulation.weight)
             init.zeros_(module.mlp[-1].weight)
-        elif isinstance(module, EngravingModel):
-            init.constant_(module.logit_scale, math.log(1 / 0.07))
-            init.zeros_(module.latent_mean)
-            init.ones_(module.latent_std)
 
 
 class EngravingModel(EngravingPreTrainedModel):
@@ -583,13 +607,17 @@ class EngravingModel(EngravingPreTrainedModel):
         targets = torch.arange(logits.shape[0], device=logits.device)
         return 0.5 * (F.cross_entropy(logits, targets) + F.cross_entropy(logits.T, targets))
 
-    def forward(self, pixel_values, input_ids=None, attention_mask=None, sample_posterior=None, **kwargs):
+    def forward(
+        self, pixel_values, input_ids=None, attention_mask=None, sample_posterior=None, num_sampled_images=0, **kwargs
+    ):
         r"""
         Args:
             pixel_values (`torch.FloatTensor` of shape `(batch, channels, image_size, image_size)`): images in [-1, 1].
             input_ids (`torch.LongTensor` of shape `(batch, length)`, *optional*): captions as `<bos> ... <eos> <pad>*`.
             attention_mask (`torch.LongTensor` of shape `(batch, length)`, *optional*): 1 on tokens, 0 on padding.
             sample_posterior (`bool`, *optional*): decode a posterior sample rather than the mean; defaults to `self.training`.
+            num_sampled_images (`int`): also decode this many latents drawn from N(`latent_mean`, `latent_std`^2), the
+                Gaussian of the encoder's latents, as `sampled_images` for an adversarial loss.
 
         Returns:
             [`EngravingOutput`] with the weighted `loss` and each component.
@@ -598,6 +626,10 @@ class EngravingModel(EngravingPreTrainedModel):
         mean, logvar = self.image_encoder(pixel_values)
         latents = mean + torch.exp(0.5 * logvar) * torch.randn_like(mean) if sample_posterior else mean
         reconstructions = self.image_decoder(latents)
+        sampled_images = None
+        if num_sampled_images:
+            noise = torch.randn(num_sampled_images, self.config.latent_size, device=mean.device, dtype=mean.dtype)
+            sampled_images = self.image_decoder(self.unstandardize_latents(noise).to(mean.dtype))
         loss_reconstruction = F.l1_loss(reconstructions.float(), pixel_values.float()) + F.mse_loss(
             reconstructions.float(), pixel_values.float()
         )
@@ -629,6 +661,7 @@ class EngravingModel(EngravingPreTrainedModel):
             loss_contrastive=loss_contrastive,
             loss_prior=loss_prior,
             reconstructions=reconstructions,
+            sampled_images=sampled_images,
             latents=mean,
             latent_logvar=logvar,
             text_latents=text_latents,

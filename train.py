@@ -393,18 +393,23 @@ def forward_backward(
     adversarial_weight, gradient_accumulation_steps, sync_gradients,
 ):
     """
-    One batch of training: the model's losses (plus the weighted adversarial loss) and their backward pass, then, when
-    the adversarial loss is on, one discriminator step. Gradients are all-reduced only when `sync_gradients`.
+    One batch of training: the model's losses (plus the weighted adversarial loss on the reconstructions and on images
+    decoded from sampled latents) and their backward pass, then, when the adversarial loss is on, one discriminator
+    step. Gradients are all-reduced only when `sync_gradients`.
     Returns the losses as floats, or None (nothing done) when the loss is not finite on some process.
     """
+    unwrapped = accelerator.unwrap_model(model)
+    num_sampled_images = round(unwrapped.config.adversarial_sample_fraction * len(pixel_values)) if adversarial_weight > 0 else 0
     with contextlib.nullcontext() if sync_gradients else accelerator.no_sync(model):
         with accelerator.autocast():
-            outputs = model(pixel_values, input_ids, attention_mask)
+            outputs = model(pixel_values, input_ids, attention_mask, num_sampled_images=num_sampled_images)
             loss = outputs.loss
             if adversarial_weight > 0:
-                loss_adversarial = discriminator.generator_loss(outputs.reconstructions)
+                generated = outputs.reconstructions
+                if num_sampled_images:
+                    generated = torch.cat([generated, outputs.sampled_images])
+                loss_adversarial = discriminator.generator_loss(generated)
         if adversarial_weight > 0:
-            unwrapped = accelerator.unwrap_model(model)
             balance = adversarial_balance(
                 unwrapped.config.reconstruction_loss_weight * outputs.loss_reconstruction,
                 loss_adversarial,
@@ -419,7 +424,7 @@ def forward_backward(
         # The generator's backward left gradients in the discriminator: drop them before its own step.
         discriminator.zero_grad(set_to_none=True)
         with accelerator.autocast():
-            loss_discriminator = discriminator.discriminator_loss(pixel_values, outputs.reconstructions.detach())
+            loss_discriminator = discriminator.discriminator_loss(pixel_values, generated.detach())
         accelerator.backward(loss_discriminator)
         average_gradients(accelerator, discriminator)
         discriminator_optimizer.step()

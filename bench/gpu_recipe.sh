@@ -6,14 +6,16 @@
 #   2. bench/train_throughput.py: base preset at 512 px, compute-only step vs train.py's real loop;
 #   3. the base preset at 256 px, then at 512 px, each for a fixed number of training minutes, then
 #      `evaluate_model.py --save_model_outputs --no_scoring`: seed samples, reconstructions and captions in one .npz,
-#      scored later on a machine with the metric libraries (`evaluate_model.py --model_outputs FILE`).
+#      scored later on a machine with the metric libraries (`evaluate_model.py --model_outputs FILE`);
+#   4. if the call's time allows (COMPILE_BENCH_BEFORE seconds have not passed), the compute-only step compiled.
 #
 # DATA is a folder of prepare_dataset.py ImageFolder splits (train/ and validation/ with metadata.jsonl): train.py
 # and evaluate_model.py read them without `datasets`. Everything worth keeping lands in OUT (at most 8 files).
 #
 #   bash bench/gpu_recipe.sh data/engravings_384 gpu_out 3 2      # minutes of training at 256 px, at 512 px
 #
-# SMOKE_PRESET, BENCH_PRESET, RUN_PRESET and the sizes can be overridden to rehearse the script on a CPU.
+# SMOKE_PRESET, BENCH_PRESET, RUN_PRESET and the sizes can be overridden to rehearse the script on a CPU; SMOKE=0 and
+# THROUGHPUT=0 skip steps 1 and 2, to spend a second call on the training runs alone.
 set -uo pipefail
 DATA=${1:?DATA folder}
 OUT=${2:?OUT folder}
@@ -26,6 +28,10 @@ SIZES=${SIZES:-"256 512"}
 BENCH_SIZE=${BENCH_SIZE:-512}
 BATCH=${BATCH:-64}
 NUM_SAMPLES=${NUM_SAMPLES:-200}
+ADVERSARIAL_WEIGHT=${ADVERSARIAL_WEIGHT:-0.5}
+SMOKE=${SMOKE:-1}
+THROUGHPUT=${THROUGHPUT:-1}
+COMPILE_BENCH_BEFORE=${COMPILE_BENCH_BEFORE:-480}
 PYTHON=${PYTHON:-python3}
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 WORK=${WORK:-/tmp/engraving_gpu}
@@ -43,6 +49,7 @@ $PYTHON -c "import torch, transformers, accelerate, tokenizers; print('torch', t
 # warmup (the run ends on a time budget, not a step count), the adversarial loss after the autoencoder has structure.
 TRAIN_FLAGS=(--dataset_path "$DATA" --cache_dir "$CACHE" --train_batch_size "$BATCH" --mixed_precision bf16
   --use_ema --random_flip --learning_rate 5e-4 --lr_scheduler constant_with_warmup --lr_warmup_steps 200
+  --adversarial_loss_weight "$ADVERSARIAL_WEIGHT"
   --report_to none --checkpointing_steps 1000000 --logging_steps 100 --num_validation_samples 16)
 
 evaluate_outputs() {  # model folder, output .npz, number of samples, JPEG quality
@@ -50,15 +57,19 @@ evaluate_outputs() {  # model folder, output .npz, number of samples, JPEG quali
     --num_samples "$3" --image_size 256 --jpeg_quality "${4:-90}" --batch_size 100 --output_dir "$WORK/eval"
 }
 
-stamp "1. smoke run"
-$PYTHON train.py "${TRAIN_FLAGS[@]}" --preset "$SMOKE_PRESET" --image_size 256 --output_dir "$WORK/smoke" \
-  --max_train_steps 30 --adversarial_start_step 10 --validation_epochs 1 --prior_fit_steps 20 --logging_steps 10 \
-  && evaluate_outputs "$WORK/smoke/model" "$WORK/smoke.npz" 8
-if [ $? -ne 0 ]; then stamp "smoke run failed: stopping"; exit 1; fi
+if [ "$SMOKE" = 1 ]; then
+  stamp "1. smoke run"
+  $PYTHON train.py "${TRAIN_FLAGS[@]}" --preset "$SMOKE_PRESET" --image_size 256 --output_dir "$WORK/smoke" \
+    --max_train_steps 30 --adversarial_start_step 10 --validation_epochs 1 --prior_fit_steps 20 --logging_steps 10 \
+    && evaluate_outputs "$WORK/smoke/model" "$WORK/smoke.npz" 8
+  if [ $? -ne 0 ]; then stamp "smoke run failed: stopping"; exit 1; fi
+fi
 
-stamp "2. throughput"
-$PYTHON bench/train_throughput.py --preset "$BENCH_PRESET" --image_size "$BENCH_SIZE" --train_batch_size "$BATCH" \
-  --mixed_precision bf16 --dataset_path "$DATA" --output_dir "$WORK/throughput" --output_json "$OUT/throughput.json"
+if [ "$THROUGHPUT" = 1 ]; then
+  stamp "2. throughput"
+  $PYTHON bench/train_throughput.py --preset "$BENCH_PRESET" --image_size "$BENCH_SIZE" --train_batch_size "$BATCH" \
+    --mixed_precision bf16 --dataset_path "$DATA" --output_dir "$WORK/throughput" --output_json "$OUT/throughput.json"
+fi
 
 for size in $SIZES; do
   minutes=$MINUTES_256; [ "$size" = 512 ] && minutes=$MINUTES_512
@@ -76,4 +87,10 @@ for size in $SIZES; do
     "$(ls -t reconstructions-*.png | head -1)" model/README.md model/config.json)
   ls -la "$OUT"
 done
+if [ $(( $(date +%s) - started )) -lt "$COMPILE_BENCH_BEFORE" ]; then
+  stamp "4. compiled compute-only throughput"
+  $PYTHON bench/train_throughput.py --preset "$BENCH_PRESET" --image_size "$BENCH_SIZE" --train_batch_size "$BATCH" \
+    --mixed_precision bf16 --dataset_path "$DATA" --output_dir "$WORK/throughput_compiled" --compute_only \
+    --torch_compile --output_json "$OUT/throughput_compiled.json"
+fi
 stamp "done"

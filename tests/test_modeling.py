@@ -37,6 +37,34 @@ def test_preset_fields_can_be_overridden_like_any_config():
         EngravingConfig.from_preset("huge")
 
 
+def test_image_size_must_be_whole_patches_down_to_the_bottleneck():
+    assert EngravingConfig(image_size=256, patch_size=4, bottleneck_size=4).num_levels == 4
+    with pytest.raises(ValueError, match="patch_size"):
+        EngravingConfig(image_size=96, patch_size=4, bottleneck_size=4)
+
+
+def test_untrained_decoder_paints_each_pixel_patch_in_one_colour(tiny_config):
+    images = EngravingModel(tiny_config).decode_latents(torch.randn(2, tiny_config.latent_size))
+    patch = tiny_config.patch_size
+    first_pixel_of_each_patch = images[:, :, ::patch, ::patch]
+    nearest_upsampled = first_pixel_of_each_patch.repeat_interleave(patch, 2).repeat_interleave(patch, 3)
+    assert patch > 1 and torch.equal(images, nearest_upsampled)
+
+
+def test_sampled_images_are_decoded_from_the_gaussian_of_the_latents(tiny_config):
+    model = EngravingModel(tiny_config).eval()
+    pixel_values = torch.zeros(2, 3, tiny_config.image_size, tiny_config.image_size)
+    assert model(pixel_values).sampled_images is None
+    centre = torch.randn(tiny_config.latent_size)
+    model.latent_mean.copy_(centre)
+    model.latent_std.fill_(1e-6)
+    sampled = model(pixel_values, num_sampled_images=3).sampled_images
+    assert sampled.shape == (3, 3, tiny_config.image_size, tiny_config.image_size)
+    # With no spread left, every draw is the Gaussian's centre.
+    expected = model.decode_latents(centre[None]).expand_as(sampled)
+    assert torch.allclose(sampled, expected, atol=1e-4)
+
+
 def test_every_loss_is_finite_and_the_total_is_their_weighted_sum(tiny_model, tiny_tokenizer):
     images, captions = zip(*shape_pairs())
     batch = tiny_tokenizer(list(captions), padding=True, return_tensors="pt")
