@@ -602,6 +602,23 @@ def configure_log_file(accelerator, output_dir):
         logger.logger.addHandler(handler)
 
 
+def push_best_model_to_hub(args, output_dir):
+    """Uploads best_model/ (weights, code, tokenizer and card) to a Hub model repo, after everything local is written."""
+    from huggingface_hub import create_repo, upload_folder
+
+    repo_name = args.hub_model_id or output_dir.name
+    try:
+        repo_id = create_repo(repo_name, exist_ok=True, private=args.hub_private_repo).repo_id
+        upload_folder(repo_id=repo_id, folder_path=output_dir / "best_model", commit_message="Best model of train.py")
+    except Exception as error:
+        sys.exit(
+            f"Could not push to the Hub model repo {repo_name} ({error.__class__.__name__}); the trained model in "
+            f"{output_dir / 'best_model'} is complete, so log in (`hf auth login`) and upload it with "
+            f"`hf upload {repo_name} {output_dir / 'best_model'}`."
+        )
+    logger.info(f"Pushed best_model/ to https://huggingface.co/{repo_id}")
+
+
 def main(args):
     # Accelerator, seed and logs.
     output_dir = Path(args.output_dir)
@@ -881,11 +898,7 @@ def main(args):
             f"or `python generate.py --model {output_dir / 'model'} --seeds 0-15 --grid --output_dir samples`."
         )
         if args.push_to_hub:
-            from huggingface_hub import create_repo, upload_folder
-
-            repo_id = create_repo(args.hub_model_id or output_dir.name, exist_ok=True, private=args.hub_private_repo).repo_id
-            upload_folder(repo_id=repo_id, folder_path=output_dir / "best_model", commit_message="Best model of train.py")
-            logger.info(f"Pushed best_model/ to https://huggingface.co/{repo_id}")
+            push_best_model_to_hub(args, output_dir)
     accelerator.wait_for_everyone()
     accelerator.end_training()
 

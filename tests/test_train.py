@@ -167,6 +167,14 @@ def test_image_folder_splits_train_without_the_datasets_library_exactly_as_the_d
     assert validation_records(output_dir) == validation_records(uninterrupted_run)
 
 
+def test_push_to_hub_offline_fails_with_one_sentence_after_the_local_model(tiny_dataset_dir, tmp_path):
+    output_dir = tmp_path / "run"
+    result = run_train(tiny_dataset_dir, output_dir, "--max_train_steps", "1", "--push_to_hub", "--hub_model_id", "someone/engraving")
+    assert result.returncode != 0 and "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines()[-1].startswith("Could not push to the Hub model repo someone/engraving")
+    assert EngravingModel.from_pretrained(output_dir / "best_model").tokenizer is not None
+
+
 def test_adversarial_balance_gives_the_adversarial_gradient_the_reconstruction_gradients_norm():
     output_layer = torch.nn.Parameter(torch.randn(4, 3))
     direction = torch.randn(4, 3)
