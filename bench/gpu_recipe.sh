@@ -12,7 +12,7 @@
 # DATA is a folder of prepare_dataset.py ImageFolder splits (train/ and validation/ with metadata.jsonl): train.py
 # and evaluate_model.py read them without `datasets`. Everything worth keeping lands in OUT (at most 8 files).
 #
-#   bash bench/gpu_recipe.sh data/engravings_384 gpu_out 3 2      # minutes of training at 256 px, at 512 px
+#   bash bench/gpu_recipe.sh data/engravings_384 gpu_out 10 10    # minutes of training at 256 px, at 512 px
 #
 # SMOKE_PRESET, BENCH_PRESET, RUN_PRESET and the sizes can be overridden to rehearse the script on a CPU; SMOKE=0 and
 # THROUGHPUT=0 skip steps 1 and 2, to spend a second call on the training runs alone.
