@@ -52,6 +52,10 @@ TRAIN_FLAGS=(--dataset_path "$DATA" --cache_dir "$CACHE" --train_batch_size "$BA
   --adversarial_loss_weight "$ADVERSARIAL_WEIGHT"
   --report_to none --checkpointing_steps 1000000 --logging_steps 100 --num_validation_samples 16)
 
+# Flags shared by both throughput measurements (eager, then compiled compute-only).
+BENCH_FLAGS=(--preset "$BENCH_PRESET" --image_size "$BENCH_SIZE" --train_batch_size "$BATCH" --mixed_precision bf16
+  --dataset_path "$DATA")
+
 evaluate_outputs() {  # model folder, output .npz, number of samples, JPEG quality
   $PYTHON evaluate_model.py --model "$1" --dataset_path "$DATA" --save_model_outputs "$2" --no_scoring \
     --num_samples "$3" --image_size 256 --jpeg_quality "${4:-90}" --batch_size 100 --output_dir "$WORK/eval"
@@ -67,8 +71,8 @@ fi
 
 if [ "$THROUGHPUT" = 1 ]; then
   stamp "2. throughput"
-  $PYTHON bench/train_throughput.py --preset "$BENCH_PRESET" --image_size "$BENCH_SIZE" --train_batch_size "$BATCH" \
-    --mixed_precision bf16 --dataset_path "$DATA" --output_dir "$WORK/throughput" --output_json "$OUT/throughput.json"
+  $PYTHON bench/train_throughput.py "${BENCH_FLAGS[@]}" --output_dir "$WORK/throughput" \
+    --output_json "$OUT/throughput.json"
 fi
 
 for size in $SIZES; do
@@ -89,8 +93,7 @@ for size in $SIZES; do
 done
 if [ $(( $(date +%s) - started )) -lt "$COMPILE_BENCH_BEFORE" ]; then
   stamp "4. compiled compute-only throughput"
-  $PYTHON bench/train_throughput.py --preset "$BENCH_PRESET" --image_size "$BENCH_SIZE" --train_batch_size "$BATCH" \
-    --mixed_precision bf16 --dataset_path "$DATA" --output_dir "$WORK/throughput_compiled" --compute_only \
+  $PYTHON bench/train_throughput.py "${BENCH_FLAGS[@]}" --output_dir "$WORK/throughput_compiled" --compute_only \
     --torch_compile --output_json "$OUT/throughput_compiled.json"
 fi
 stamp "done"
