@@ -3,7 +3,8 @@ Procedural engravings: the built-in demo dataset.
 
 A scene is drawn from a small vocabulary of independent attributes (main subject, its position and size, the
 weather, the sky object, birds and secondary objects), rendered as dark ink line art with hatching and
-cross-hatching on warm paper, and captioned from those attributes so that every visible attribute is named:
+cross-hatching on warm paper, the main subject as a solid ink silhouette, and captioned from those attributes so that
+every visible attribute is named:
 
     >>> image, caption = render_scene(seed=7, image_size=128)
     >>> caption
@@ -29,7 +30,7 @@ SEA_SUBJECTS = ("ship", "lighthouse")
 LAND_SUBJECTS = ("tower", "house", "tree", "windmill", "bridge")
 POSITIONS = {"left": 0.25, "centre": 0.5, "right": 0.75}
 POSITION_PHRASES = {"left": "on the left", "centre": "in the centre", "right": "on the right"}
-SIZES = {"small": 0.26, "large": 0.5}
+SIZES = {"small": 0.34, "large": 0.56}
 WEATHERS = ("clear", "cloudy", "stormy")
 SEA_STATES = {"clear": "calm", "cloudy": "choppy", "stormy": "stormy"}
 SKY_OBJECTS = ("sun", "moon", "crescent", "none")
@@ -66,6 +67,16 @@ class Scene:
         if extras:
             caption += ", with " + " and ".join(extras)
         return caption
+
+
+def caption_subject_and_position(caption):
+    """
+    Reads the main subject and its position back from a demo caption ("... a large ship on the left, ..."): the labels
+    that bench/demo_recognisability.py checks generated images against. `(None, None)` where the caption names none.
+    """
+    subject = next((s for s in SEA_SUBJECTS + LAND_SUBJECTS if f" {s} " in f" {caption} ".replace(",", " ")), None)
+    position = next((p for p, phrase in POSITION_PHRASES.items() if phrase in caption), None)
+    return subject, position
 
 
 def sample_scene(rng):
@@ -116,7 +127,11 @@ class Plate:
         self.ink = Image.new("L", (width, width), 0)
         self.draw = ImageDraw.Draw(self.ink)
         self.line = max(2, round(width / 160))
-        self.spacing = max(5, round(width / 48))
+        self.spacing = max(6, round(width / 32))
+        # While set, painted shapes are solid ink instead of hatched (level 0 still clears to paper): the main subject
+        # is printed as a silhouette, the darkest mass of the plate, so a small model trained for minutes draws it
+        # as a clear shape rather than a faint hatched blur.
+        self.silhouette = False
 
     def px(self, u):
         return round(u * self.width)
@@ -133,7 +148,9 @@ class Plate:
     def paint(self, mask, level):
         """Clears the masked region to paper and hatches it at `level` (0 leaves it bare)."""
         self.ink.paste(0, mask=mask)
-        if level:
+        if level and self.silhouette:
+            self.ink.paste(255, mask=mask)
+        elif level:
             self.ink.paste(255, mask=ImageChops.multiply(mask, self.tone(level)))
 
     def shape(self, kind, xy, level, outline=True):
@@ -355,7 +372,7 @@ def draw_windmill(plate, cx, base, h):
 def draw_bridge(plate, cx, base, h):
     span = h * 1.6
     left, right = cx - span / 2, cx + span / 2
-    plate.shape("rectangle", (left - span * 0.1, base + h * 0.02, right + span * 0.1, base + h * 0.22), 1, outline=False)
+    plate.shape("rectangle", (left - span * 0.1, base + h * 0.02, right + span * 0.1, base + h * 0.22), 0, outline=False)
     for y in np.linspace(base + h * 0.05, base + h * 0.2, 4):
         plate.wavy_line(left - span * 0.1, right + span * 0.1, y, plate.line * 0.6, span / 5, phase=y)
     deck = plate.shape("rectangle", (left, base - h * 0.42, right, base + h * 0.12), 3)
@@ -364,7 +381,7 @@ def draw_bridge(plate, cx, base, h):
         x0 = left + span * (0.06 + k * 0.32)
         ImageDraw.Draw(arches).ellipse((x0, base - h * 0.28, x0 + span * 0.24, base + h * 0.35), fill=255)
     arches = ImageChops.multiply(arches, deck)
-    plate.paint(arches, 1)
+    plate.paint(arches, 0)
     plate.ink.paste(255, mask=arches.filter(ImageFilter.FIND_EDGES))
     plate.draw.line((left - span * 0.03, base - h * 0.42, right + span * 0.03, base - h * 0.42), fill=255,
                     width=plate.line * 2)
@@ -451,12 +468,14 @@ def render_scene(seed: int, image_size: int):
 
     height = plate.px(SIZES[scene.size] * rng.uniform(0.9, 1.1))
     cx = plate.px(subject_x)
+    plate.silhouette = True
     if scene.subject == "ship":
         tilt = {"clear": 0.0, "cloudy": 0.05, "stormy": 0.16}[scene.weather] * rng.choice((-1, 1))
         draw_ship(plate, cx, horizon + plate.px(0.12), height, tilt)
     else:
         base = horizon + plate.px(0.1 if scene.ground == "sea" else 0.14)
         SUBJECT_DRAWERS[scene.subject](plate, cx, base, height)
+    plate.silhouette = False
     if scene.birds:
         draw_birds(plate, horizon, subject_x)
 
