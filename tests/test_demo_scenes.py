@@ -1,5 +1,7 @@
 """The procedural demo engravings: deterministic, fast, varied, and captioned with what is visible."""
 
+import json
+import math
 import sys
 import time
 from collections import Counter
@@ -11,7 +13,7 @@ from datasets import load_from_disk
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import prepare_dataset  # noqa: E402
-from demo_scenes import POSITION_PHRASES, SKY_PHRASES, render_scene, sample_scene  # noqa: E402
+from demo_scenes import POSITION_PHRASES, SKY_PHRASES, caption_subject_and_position, render_scene, sample_scene  # noqa: E402
 
 
 def test_same_seed_gives_same_engraving_and_caption():
@@ -45,6 +47,8 @@ def test_scenes_vary_independently_and_captions_name_what_is_visible():
         assert (SKY_PHRASES.get(scene.sky_object, "beneath") in caption) == (scene.sky_object != "none")
         assert ("birds" in caption) == scene.birds
         assert all(obj in caption for obj in scene.secondary)
+        assert caption_subject_and_position(caption) == (scene.subject, scene.position)
+    assert caption_subject_and_position("An engraving of a harbour") == (None, None)
 
 
 def test_demo_renders_at_least_50_images_per_second_at_128px_on_one_core():
@@ -64,3 +68,21 @@ def test_demo_source_makes_a_dataset_train_py_can_load(tmp_path):
     example = dataset["train"][0]
     assert example["image"].size == (32, 32)
     assert example["caption"].startswith("An engraving depicting ")
+
+
+def test_recognisability_benchmark_scores_a_saved_model(tiny_model_dir, tmp_path):
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+    import demo_recognisability
+
+    report = tmp_path / "recognisability.json"
+    demo_recognisability.main(demo_recognisability.parse_args([
+        "--model", str(tiny_model_dir), "--num_samples", "4", "--num_train_renders", "48",
+        "--num_heldout_renders", "16", "--classifier_epochs", "1", "--output_json", str(report),
+    ]))
+    rows = json.loads(report.read_text())["rows"]
+    assert list(rows) == ["held-out renders (ceiling)", "reconstructions of them", "samples (prior)", "samples (no prior)"]
+    assert rows["held-out renders (ceiling)"]["count"] == rows["reconstructions of them"]["count"] == 16
+    for row in rows.values():
+        assert all(0.0 <= row[k] <= 1.0 or math.isnan(row[k]) for k in ("subject", "position", "subject_chance"))
+    # An untrained tiny model's captions name no demo subject, so its sample rows score nothing rather than fail.
+    assert rows["samples (prior)"]["count"] <= 4

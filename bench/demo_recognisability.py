@@ -1,0 +1,185 @@
+"""
+Does a demo model draw what its captions say? A small CNN, trained here on freshly rendered demo scenes (with blur,
+so a soft sample is still read), names the main subject (ship, lighthouse, tower, house, tree, windmill, bridge) and
+its position (left, centre, right) in:
+
+- held-out renders: the classifier's own ceiling;
+- the model's reconstructions of those renders, against the renders' labels: what the autoencoder keeps;
+- the model's seed samples, with and without the prior, against the subject and position their own caption names.
+
+"Chance" is the agreement expected if the images said nothing about the captions: the sum over classes of the caption
+share times the prediction share. Writes nothing but an optional JSON summary.
+
+    python bench/demo_recognisability.py --model outputs/demo/model --num_samples 200
+"""
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torchvision.transforms.functional import gaussian_blur
+
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO_ROOT))
+
+from demo_scenes import LAND_SUBJECTS, POSITION_PHRASES, SEA_SUBJECTS, caption_subject_and_position, render_scene  # noqa: E402
+from modeling_engraving import EngravingModel, images_to_pixel_values  # noqa: E402
+
+
+SUBJECTS = SEA_SUBJECTS + LAND_SUBJECTS
+POSITIONS = tuple(POSITION_PHRASES)
+# Render seeds far above prepare_dataset.py's demo seeds, so the classifier and the held-out renders are unseen scenes.
+FIRST_RENDER_SEED = 10_000_000
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description="Subject and position agreement of a demo model's images and captions.")
+    parser.add_argument("--model", required=True, help="A demo model folder written by train.py (with its tokenizer).")
+    parser.add_argument("--num_samples", type=int, default=200, help="Seed samples per row (seeds 0..N-1).")
+    parser.add_argument("--num_train_renders", type=int, default=6000, help="Renders the classifier trains on.")
+    parser.add_argument("--num_heldout_renders", type=int, default=500, help="Held-out renders (ceiling and reconstructions).")
+    parser.add_argument("--classifier_epochs", type=int, default=6, help="Classifier training epochs.")
+    parser.add_argument("--seed", type=int, default=0, help="Seeds the classifier's initialisation and augmentation.")
+    parser.add_argument("--output_json", default=None, help="Optional path for a JSON summary.")
+    return parser.parse_args(argv)
+
+
+def render_labelled(seeds, image_size):
+    """Pixel values in [-1, 1] and (subject, position) class indices of the demo scenes of `seeds`."""
+    images, subjects, positions = [], [], []
+    for seed in seeds:
+        image, caption = render_scene(seed, image_size)
+        subject, position = caption_subject_and_position(caption)
+        images.append(image)
+        subjects.append(SUBJECTS.index(subject))
+        positions.append(POSITIONS.index(position))
+    return images_to_pixel_values(images, image_size), torch.tensor(subjects), torch.tensor(positions)
+
+
+class SubjectClassifier(nn.Module):
+    """Four stride-2 convolutions, global average pooling, and one linear head per attribute (GroupNorm, not
+    BatchNorm: running batch statistics of mostly blurred batches would misread sharp images)."""
+
+    def __init__(self, width=32):
+        super().__init__()
+        layers, channels = [], 3
+        for out_channels in (width, width * 2, width * 4, width * 4):
+            layers += [nn.Conv2d(channels, out_channels, 3, stride=2, padding=1), nn.GroupNorm(8, out_channels), nn.ReLU()]
+            channels = out_channels
+        self.features = nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten())
+        self.subject_head = nn.Linear(channels, len(SUBJECTS))
+        self.position_head = nn.Linear(channels, len(POSITIONS))
+
+    def forward(self, pixel_values):
+        features = self.features(pixel_values)
+        return self.subject_head(features), self.position_head(features)
+
+    @torch.no_grad()
+    def predict(self, pixel_values, batch_size=256):
+        self.eval()
+        logits = [self(chunk) for chunk in pixel_values.split(batch_size)]
+        return torch.cat([s for s, _ in logits]).argmax(-1), torch.cat([p for _, p in logits]).argmax(-1)
+
+
+def blur_randomly(pixel_values, generator):
+    """Gaussian blur of a random strength per batch (sometimes none), so that soft model outputs are still read."""
+    sigma = float(torch.empty(1).uniform_(0.0, 2.0, generator=generator))
+    if sigma < 0.3:
+        return pixel_values
+    kernel = 2 * int(3 * sigma) + 1
+    return gaussian_blur(pixel_values, [kernel, kernel], [sigma, sigma])
+
+
+def train_classifier(pixel_values, subjects, positions, epochs, seed, batch_size=64):
+    torch.manual_seed(seed)
+    generator = torch.Generator().manual_seed(seed)
+    classifier = SubjectClassifier()
+    optimizer = torch.optim.AdamW(classifier.parameters(), lr=2e-3, weight_decay=1e-4)
+    scheduler = torch.optim.lr_scheduler.OneCycleLR(
+        optimizer, max_lr=2e-3, total_steps=epochs * ((len(pixel_values) + batch_size - 1) // batch_size)
+    )
+    classifier.train()
+    for _ in range(epochs):
+        for batch in torch.randperm(len(pixel_values), generator=generator).split(batch_size):
+            subject_logits, position_logits = classifier(blur_randomly(pixel_values[batch], generator))
+            loss = F.cross_entropy(subject_logits, subjects[batch]) + F.cross_entropy(position_logits, positions[batch])
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            scheduler.step()
+    return classifier
+
+
+def agreement(classifier, pixel_values, subjects, positions):
+    """Shares of images whose predicted subject, position, and both, match the labels; and the subject's chance level."""
+    if len(subjects) == 0:
+        return dict.fromkeys(("subject", "position", "subject_and_position", "subject_chance"), float("nan")) | {"count": 0}
+    predicted_subjects, predicted_positions = classifier.predict(pixel_values)
+    subject_match, position_match = predicted_subjects == subjects, predicted_positions == positions
+    label_share = torch.bincount(subjects, minlength=len(SUBJECTS)).float() / len(subjects)
+    prediction_share = torch.bincount(predicted_subjects, minlength=len(SUBJECTS)).float() / len(subjects)
+    return {
+        "subject": subject_match.float().mean().item(),
+        "position": position_match.float().mean().item(),
+        "subject_and_position": (subject_match & position_match).float().mean().item(),
+        "subject_chance": (label_share * prediction_share).sum().item(),
+        "count": len(subjects),
+    }
+
+
+def sample_rows(model, classifier, num_samples):
+    """Agreement of seed samples with their own captions, with and without the prior."""
+    rows = {}
+    for name, use_prior in (("samples (prior)", True), ("samples (no prior)", False)):
+        output = model.generate(seeds=list(range(num_samples)), use_prior=use_prior)
+        labels = [caption_subject_and_position(caption) for caption in output.captions]
+        named = [i for i, (subject, position) in enumerate(labels) if subject and position]
+        size = model.config.image_size
+        pixel_values = images_to_pixel_values([output.images[i] for i in named], size) if named else torch.empty(0, 3, size, size)
+        subjects = torch.tensor([SUBJECTS.index(labels[i][0]) for i in named], dtype=torch.long)
+        positions = torch.tensor([POSITIONS.index(labels[i][1]) for i in named], dtype=torch.long)
+        rows[name] = {**agreement(classifier, pixel_values, subjects, positions), "captions_naming_both": len(named) / num_samples}
+    return rows
+
+
+def main(args):
+    started = time.perf_counter()
+    torch.set_grad_enabled(True)
+    model = EngravingModel.from_pretrained(args.model).eval()
+    image_size = model.config.image_size
+
+    train_seeds = range(FIRST_RENDER_SEED, FIRST_RENDER_SEED + args.num_train_renders)
+    heldout_seeds = range(train_seeds.stop, train_seeds.stop + args.num_heldout_renders)
+    classifier = train_classifier(*render_labelled(train_seeds, image_size), args.classifier_epochs, args.seed)
+
+    heldout_pixel_values, heldout_subjects, heldout_positions = render_labelled(heldout_seeds, image_size)
+    with torch.no_grad():
+        reconstructions = torch.cat(
+            [model.decode_latents(model.encode_images(chunk)).clamp(-1, 1) for chunk in heldout_pixel_values.split(64)]
+        )
+    rows = {
+        "held-out renders (ceiling)": agreement(classifier, heldout_pixel_values, heldout_subjects, heldout_positions),
+        "reconstructions of them": agreement(classifier, reconstructions, heldout_subjects, heldout_positions),
+        **sample_rows(model, classifier, args.num_samples),
+    }
+
+    print(f"\n{args.model}: {image_size} px, {time.perf_counter() - started:.0f} s\n")
+    print("| images | subject | position | both | subject by chance | n |")
+    print("|---|---:|---:|---:|---:|---:|")
+    for name, row in rows.items():
+        print(
+            f"| {name} | {row['subject']:.1%} | {row['position']:.1%} | {row['subject_and_position']:.1%} "
+            f"| {row['subject_chance']:.1%} | {row['count']} |"
+        )
+    if args.output_json:
+        Path(args.output_json).write_text(json.dumps({"model": args.model, "rows": rows}, indent=2))
+
+
+if __name__ == "__main__":
+    main(parse_args())
