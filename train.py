@@ -99,6 +99,8 @@ def parse_args(argv=None):
     evaluation.add_argument("--eval_batch_size", type=int, default=64, help="Batch size of evaluation and of encoding the training set for the prior.")
     evaluation.add_argument("--num_validation_samples", type=int, default=16, help="Seeds 0..N-1 of the sample grid, and validation images reconstructed.")
     evaluation.add_argument("--prior_fit_steps", type=int, default=1000, help="Steps of fit_prior on the training latents at each best-model save and at the end.")
+    evaluation.add_argument("--prior_fit_batch_size", type=int, default=256, help="Latents per fit_prior step (drawn with replacement).")
+    evaluation.add_argument("--prior_fit_learning_rate", type=float, default=1e-3, help="Peak learning rate of fit_prior (cosine to 0).")
     evaluation.add_argument("--early_stopping_patience", type=int, default=None, help="Stop after this many evaluations without a better validation loss.")
     evaluation.add_argument("--logging_steps", type=int, default=50, help="Log training losses and throughput every this many steps.")
     evaluation.add_argument("--report_to", default="tensorboard", help="Tracker for accelerate: tensorboard, wandb, all or none.")
@@ -507,17 +509,24 @@ def validation_losses(model, cache, input_ids, attention_mask, batch_size):
 
 
 @torch.no_grad()
-def fit_latent_prior(model, cache, input_ids, attention_mask, batch_size, num_steps, seed):
+def fit_latent_prior(model, cache, input_ids, attention_mask, args):
     """Encodes the training images (posterior means) and captions in eval mode, then fits the prior to them."""
     latents, text_latents = [], []
-    for start in range(0, len(cache), batch_size):
-        indices = torch.arange(start, min(start + batch_size, len(cache)))
+    for start in range(0, len(cache), args.eval_batch_size):
+        indices = torch.arange(start, min(start + args.eval_batch_size, len(cache)))
         latents.append(model.encode_images(cache.batch(indices).to(model.dtype)).float())
         text_latents.append(
             model.encode_text(input_ids[indices].to(model.device), attention_mask[indices].to(model.device)).float()
         )
     with torch.enable_grad():
-        return model.fit_prior(torch.cat(latents), torch.cat(text_latents), num_steps=num_steps, seed=seed)
+        return model.fit_prior(
+            torch.cat(latents),
+            torch.cat(text_latents),
+            num_steps=args.prior_fit_steps,
+            batch_size=args.prior_fit_batch_size,
+            learning_rate=args.prior_fit_learning_rate,
+            seed=args.seed,
+        )
 
 
 def write_model_card(directory, args, config, record, num_train_images):
@@ -552,7 +561,7 @@ output.images[0].save("engraving.png"); print(output.captions)
 
 Trained with `train.py` on {num_train_images} images for {record['step']} steps ({record['epoch']} epochs), batch
 {args.train_batch_size} per process, learning rate {args.learning_rate}, seed {args.seed}, EMA: {args.use_ema}.
-The latent prior was fitted to the training latents for {args.prior_fit_steps} steps.
+The latent prior was fitted to the training latents for {args.prior_fit_steps} steps of {args.prior_fit_batch_size} at learning rate {args.prior_fit_learning_rate}.
 
 ## Validation metrics (step {record['step']})
 
@@ -723,9 +732,7 @@ def main(args):
                 record.update(validation_losses(eval_model, validation_cache, validation_ids, validation_mask, args.eval_batch_size))
             improved = record["val_loss"] < best_val_loss
             if improved or final:
-                record["prior_fit_loss"] = fit_latent_prior(
-                    eval_model, train_cache, train_ids, train_mask, args.eval_batch_size, args.prior_fit_steps, args.seed
-                )
+                record["prior_fit_loss"] = fit_latent_prior(eval_model, train_cache, train_ids, train_mask, args)
             seeds = list(range(args.num_validation_samples))
             generated = eval_model.generate(seeds=seeds, batch_size=args.eval_batch_size)
             samples = captioned_grid(generated.images, generated.captions, columns=min(8, len(seeds)))
