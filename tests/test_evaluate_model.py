@@ -146,6 +146,12 @@ def test_caption_quality_flags_missing_prefix_cut_off_endings_and_loops():
     assert result["well_formed"] == 0.25
     assert (result["has_prefix"], result["clean_ending"], result["no_loop"]) == (0.75, 0.75, 0.75)
     assert result["copied"] == 0.25
+    # Only the copy uses no word outside "an engraving of a ship at sea"; none is new and readable.
+    assert (result["known_words"], result["novel_known_words"]) == (0.25, 0.0)
+    recombined = quality.compute(
+        predictions=["An engraving of a ship", "An engraving of a shpi"], training_captions=["An engraving of a ship at sea"]
+    )
+    assert (recombined["copied"], recombined["known_words"], recombined["novel_known_words"]) == (0.0, 0.5, 0.5)
     repeated = quality.compute(predictions=["An engraving of a ship"] * 4)
     assert repeated["distinct_1"] == pytest.approx(5 / 20) and repeated["distinct_2"] == pytest.approx(4 / 16)
     assert "copied" not in repeated
@@ -222,7 +228,7 @@ def test_report_of_a_tiny_model_has_every_metric_for_both_sampling_rows_and_all_
     assert set(report["sampling"]) == {"prior", "no_prior"}
     for row in report["sampling"].values():
         for key in ("fid", "kid", "kid_x1000", "high_frequency_ratio", "caption_well_formed", "caption_distinct_1",
-                    "caption_distinct_2", "caption_copied", "caption_agreement", "caption_agreement_shuffled",
+                    "caption_distinct_2", "caption_copied", "caption_known_words", "caption_novel_known_words", "caption_agreement", "caption_agreement_shuffled",
                     "caption_agreement_gain", "nearest_train_distance_mean", "near_copy_share"):
             assert math.isfinite(row[key]), key
         assert len(row["example_captions"]) == 5

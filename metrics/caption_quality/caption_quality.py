@@ -1,4 +1,4 @@
-"""Form, diversity and originality of generated captions: well-formed share, distinct-n and verbatim copies."""
+"""Form, diversity and originality of generated captions: well-formed share, distinct-n, copies and invented words."""
 
 import re
 
@@ -12,7 +12,11 @@ Checks generated captions without a reference:
   closing mark, not on a dangling "of", "the", "and", comma ...) and contain no repetition loop (a word repeated back
   to back, or a word trigram that occurs twice);
 - distinct_1 / distinct_2: distinct word unigrams / bigrams over all unigrams / bigrams of the set (Li et al., 2016);
-- copied: share identical (case and spacing aside) to one of `training_captions`.
+- copied: share identical (case and spacing aside) to one of `training_captions`;
+- known_words: share made only of words that occur in `training_captions`: a new caption that recombines known words
+  passes, a misspelt or invented word ("Enrotons") fails it, which well_formed does not see;
+- novel_known_words: share that is not a copy and is made only of known words, the captions that are both new and
+  readable.
 """
 
 _KWARGS_DESCRIPTION = """
@@ -21,7 +25,8 @@ Args:
     training_captions (`list` of `str`, *optional*): the training captions; without them `copied` is not reported.
     prefix (`str`, defaults to "An engraving"): the style prefix a well-formed caption starts with.
 Returns:
-    well_formed, has_prefix, clean_ending, no_loop (shares in [0, 1]), distinct_1, distinct_2, and copied.
+    well_formed, has_prefix, clean_ending, no_loop (shares in [0, 1]), distinct_1, distinct_2, and with
+    `training_captions` copied, known_words and novel_known_words.
 Examples:
     >>> caption_quality = evaluate.load("./metrics/caption_quality")
     >>> caption_quality.compute(predictions=captions, training_captions=train_captions)["well_formed"]
@@ -41,6 +46,10 @@ def normalize(caption):
     return " ".join(caption.lower().split())
 
 
+def words(caption):
+    return re.findall(r"\w+", caption.lower())
+
+
 def has_clean_ending(caption):
     """True when the caption ends on a content word or closing mark rather than a cut-off phrase."""
     caption = caption.strip()
@@ -52,7 +61,7 @@ def has_clean_ending(caption):
 
 def has_loop(caption):
     """True when a word repeats back to back or a word trigram occurs twice."""
-    tokens = re.findall(r"\w+", caption.lower())
+    tokens = words(caption)
     if any(a == b for a, b in zip(tokens, tokens[1:])):
         return True
     trigrams = [tuple(tokens[i : i + 3]) for i in range(len(tokens) - 2)]
@@ -93,5 +102,10 @@ class CaptionQuality(evaluate.Metric):
         }
         if training_captions is not None:
             seen = {normalize(caption) for caption in training_captions}
-            results["copied"] = share(normalize(caption) in seen for caption in predictions)
+            vocabulary = {word for caption in training_captions for word in words(caption)}
+            copied = [normalize(caption) in seen for caption in predictions]
+            known = [set(words(caption)) <= vocabulary for caption in predictions]
+            results["copied"] = share(copied)
+            results["known_words"] = share(known)
+            results["novel_known_words"] = share(k and not c for k, c in zip(known, copied))
         return results
