@@ -360,7 +360,7 @@ def draw_windmill(plate, cx, base, h):
     for k in range(4):
         a = start + k * math.pi / 2
         c, s = math.cos(a), math.sin(a)
-        near, far, half = h * 0.05, h * 0.45, h * 0.05
+        near, far, half = h * 0.05, h * 0.45, h * 0.11
         sail = [(hub[0] + c * near - s * half, hub[1] + s * near + c * half),
                 (hub[0] + c * far - s * half, hub[1] + s * far + c * half),
                 (hub[0] + c * far, hub[1] + s * far), (hub[0] + c * near, hub[1] + s * near)]

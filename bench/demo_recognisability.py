@@ -124,8 +124,14 @@ def agreement(classifier, pixel_values, subjects, positions):
     subject_match, position_match = predicted_subjects == subjects, predicted_positions == positions
     label_share = torch.bincount(subjects, minlength=len(SUBJECTS)).float() / len(subjects)
     prediction_share = torch.bincount(predicted_subjects, minlength=len(SUBJECTS)).float() / len(subjects)
+    by_subject = {
+        name: subject_match[subjects == index].float().mean().item()
+        for index, name in enumerate(SUBJECTS)
+        if (subjects == index).any()
+    }
     return {
         "subject": subject_match.float().mean().item(),
+        "subject_by_class": by_subject,
         "position": position_match.float().mean().item(),
         "subject_and_position": (subject_match & position_match).float().mean().item(),
         "subject_chance": (label_share * prediction_share).sum().item(),
@@ -177,6 +183,12 @@ def main(args):
             f"| {name} | {row['subject']:.1%} | {row['position']:.1%} | {row['subject_and_position']:.1%} "
             f"| {row['subject_chance']:.1%} | {row['count']} |"
         )
+    print("\nSubject agreement per class (labels: the renders' captions, or each sample's own caption)\n")
+    print("| images | " + " | ".join(SUBJECTS) + " |")
+    print("|---|" + "---:|" * len(SUBJECTS))
+    for name, row in rows.items():
+        shares = [row.get("subject_by_class", {}).get(subject) for subject in SUBJECTS]
+        print(f"| {name} | " + " | ".join("" if share is None else f"{share:.0%}" for share in shares) + " |")
     if args.output_json:
         Path(args.output_json).write_text(json.dumps({"model": args.model, "rows": rows}, indent=2))
 
