@@ -55,7 +55,7 @@ def has_clean_ending(caption):
     caption = caption.strip()
     if not caption or caption[-1] in ",;:-&(":
         return False
-    last_words = re.findall(r"\w+", caption.lower())
+    last_words = words(caption)
     return bool(last_words) and last_words[-1] not in DANGLING_WORDS
 
 
