@@ -28,6 +28,7 @@ SUPERSAMPLE = 2
 
 SEA_SUBJECTS = ("ship", "lighthouse")
 LAND_SUBJECTS = ("tower", "house", "tree", "windmill", "bridge")
+SUBJECTS = SEA_SUBJECTS + LAND_SUBJECTS
 POSITIONS = {"left": 0.25, "centre": 0.5, "right": 0.75}
 POSITION_PHRASES = {"left": "on the left", "centre": "in the centre", "right": "on the right"}
 SIZES = {"small": 0.34, "large": 0.56}
@@ -74,7 +75,7 @@ def caption_subject_and_position(caption):
     Reads the main subject and its position back from a demo caption ("... a large ship on the left, ..."): the labels
     that bench/demo_recognisability.py checks generated images against. `(None, None)` where the caption names none.
     """
-    subject = next((s for s in SEA_SUBJECTS + LAND_SUBJECTS if f" {s} " in f" {caption} ".replace(",", " ")), None)
+    subject = next((s for s in SUBJECTS if f" {s} " in f" {caption} ".replace(",", " ")), None)
     position = next((p for p, phrase in POSITION_PHRASES.items() if phrase in caption), None)
     return subject, position
 
@@ -146,7 +147,7 @@ class Plate:
         return Image.new("L", (self.width, self.width), 0)
 
     def paint(self, mask, level):
-        """Clears the masked region to paper and hatches it at `level` (0 leaves it bare)."""
+        """Clears the masked region to paper and hatches it at `level` (0 leaves it bare; solid ink under `silhouette`)."""
         self.ink.paste(0, mask=mask)
         if level and self.silhouette:
             self.ink.paste(255, mask=mask)

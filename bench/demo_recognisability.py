@@ -28,11 +28,10 @@ from torchvision.transforms.functional import gaussian_blur
 REPO_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO_ROOT))
 
-from demo_scenes import LAND_SUBJECTS, POSITION_PHRASES, SEA_SUBJECTS, caption_subject_and_position, render_scene  # noqa: E402
+from demo_scenes import POSITION_PHRASES, SUBJECTS, caption_subject_and_position, render_scene  # noqa: E402
 from modeling_engraving import EngravingModel, images_to_pixel_values  # noqa: E402
 
 
-SUBJECTS = SEA_SUBJECTS + LAND_SUBJECTS
 POSITIONS = tuple(POSITION_PHRASES)
 # Render seeds far above prepare_dataset.py's demo seeds, so the classifier and the held-out renders are unseen scenes.
 FIRST_RENDER_SEED = 10_000_000
@@ -119,7 +118,8 @@ def train_classifier(pixel_values, subjects, positions, epochs, seed, batch_size
 def agreement(classifier, pixel_values, subjects, positions):
     """Shares of images whose predicted subject, position, and both, match the labels; and the subject's chance level."""
     if len(subjects) == 0:
-        return dict.fromkeys(("subject", "position", "subject_and_position", "subject_chance"), float("nan")) | {"count": 0}
+        nan_shares = dict.fromkeys(("subject", "position", "subject_and_position", "subject_chance"), float("nan"))
+        return nan_shares | {"subject_by_class": {}, "count": 0}
     predicted_subjects, predicted_positions = classifier.predict(pixel_values)
     subject_match, position_match = predicted_subjects == subjects, predicted_positions == positions
     label_share = torch.bincount(subjects, minlength=len(SUBJECTS)).float() / len(subjects)
@@ -187,7 +187,7 @@ def main(args):
     print("| images | " + " | ".join(SUBJECTS) + " |")
     print("|---|" + "---:|" * len(SUBJECTS))
     for name, row in rows.items():
-        shares = [row.get("subject_by_class", {}).get(subject) for subject in SUBJECTS]
+        shares = [row["subject_by_class"].get(subject) for subject in SUBJECTS]
         print(f"| {name} | " + " | ".join("" if share is None else f"{share:.0%}" for share in shares) + " |")
     if args.output_json:
         Path(args.output_json).write_text(json.dumps({"model": args.model, "rows": rows}, indent=2))
