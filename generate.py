@@ -156,20 +156,21 @@ def engrave_pictures(model, pictures):
 
 
 def captioned_grid(images, captions, columns):
-    """Lays images out in rows of `columns` on white paper, each with up to 3 lines of its caption beneath it."""
+    """Lays images out in rows of `columns` on white paper, each with its whole caption wrapped beneath it."""
     scale = max(1, math.ceil(GRID_MIN_CELL / images[0].width))
     width, height = images[0].width * scale, images[0].height * scale
     font = ImageFont.load_default(size=max(10, width // 22))
     line_height = font.size + 4
     characters_per_line = max(8, int(width / (0.55 * font.size)))
-    cell_height = height + 3 * line_height + 8
+    caption_lines = [textwrap.wrap(caption, characters_per_line) for caption in captions]
+    cell_height = height + max(map(len, caption_lines), default=0) * line_height + 8
     rows = math.ceil(len(images) / columns)
     grid = Image.new("RGB", (columns * width, rows * cell_height), "white")
     draw = ImageDraw.Draw(grid)
-    for index, (image, caption) in enumerate(zip(images, captions)):
+    for index, (image, lines) in enumerate(zip(images, caption_lines)):
         left, top = (index % columns) * width, (index // columns) * cell_height
         grid.paste(image.resize((width, height), Image.Resampling.NEAREST), (left, top))
-        for line_index, line in enumerate(textwrap.wrap(caption, characters_per_line)[:3]):
+        for line_index, line in enumerate(lines):
             draw.text((left + 4, top + height + 4 + line_index * line_height), line, fill="black", font=font)
     return grid
 
