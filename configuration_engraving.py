@@ -113,6 +113,7 @@ class EngravingConfig(PretrainedConfig):
         discriminator_patch_size=2,
         discriminator_channels=(64, 128, 256, 512),
         diff_augment=True,
+        caption_words=None,
         initializer_range=0.02,
         tie_word_embeddings=True,
         **kwargs,
@@ -195,6 +196,11 @@ class EngravingConfig(PretrainedConfig):
         """Widths of the patch discriminator's stride-2 convolutions."""
         self.diff_augment = diff_augment
         """Apply differentiable augmentation (DiffAugment) to both discriminator inputs, for small data."""
+        self.caption_words = list(caption_words) if caption_words else None
+        """
+        The whole words that decoded captions may use, in the order of `caption_words()`: train.py sets them from the
+        training captions. `None` leaves decoding free over the BPE vocabulary.
+        """
         self.initializer_range = initializer_range
         """Standard deviation of the normal initialisation of linear and embedding weights."""
         side = image_size // (patch_size * bottleneck_size)

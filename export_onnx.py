@@ -7,7 +7,9 @@ Exports a trained Engraving model to ONNX, for runtimes without PyTorch (onnxrun
 - `image_decoder.onnx`: latents `(batch, latent_size)` -> pixels `(batch, 3, image_size, image_size)` in [-1, 1].
 - `caption_decoder_step.onnx`: latents and the caption so far, `(batch, length)` token ids starting with `<bos>`,
   -> logits `(batch, vocab_size)` of the next token. A runtime calls it once per token (greedy or top-p), until
-  `<eos>`; there is no KV cache, so each step reads the whole caption so far.
+  `<eos>`; there is no KV cache, so each step reads the whole caption so far. Where `config.caption_words` is set,
+  `generate` masks each step's logits to the tokens that keep the caption to those words (`CaptionWordConstraint`
+  in modeling_engraving.py, plain Python over the tokenizer); a runtime that wants the same captions does the same.
 
 The tokenizer and config are saved beside them, so the folder holds everything a runtime needs.
 

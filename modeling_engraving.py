@@ -1,6 +1,7 @@
 """PyTorch Engraving model: a generative image-caption model for engravings."""
 
 import math
+import re
 from dataclasses import dataclass
 
 import numpy as np
@@ -682,19 +683,26 @@ class EngravingModel(EngravingPreTrainedModel):
         return self.unstandardize_latents(self.prior.sample(noise, conditions, guidance_scale))
 
     @torch.no_grad()
-    def generate_caption_ids(self, latents, temperature=0.0, top_p=1.0, generators=None, max_length=None):
+    def generate_caption_ids(
+        self, latents, temperature=0.0, top_p=1.0, generators=None, max_length=None, word_constraint=None
+    ):
         """
         Writes captions for `(batch, latent_size)` latents, batched, until every row has produced `<eos>`.
         `temperature=0` is greedy; otherwise nucleus sampling with one `torch.Generator` per row, so a row's caption
-        does not depend on the rest of the batch. Returns `(batch, length)` token ids starting with `<bos>`.
+        does not depend on the rest of the batch. A [`CaptionWordConstraint`] keeps every row to its whole words.
+        Returns `(batch, length)` token ids starting with `<bos>`.
         """
         batch = latents.shape[0]
         max_length = max_length or self.config.max_caption_length
         input_ids = torch.full((batch, 1), self.config.bos_token_id, dtype=torch.long, device=latents.device)
         finished = torch.zeros(batch, dtype=torch.bool, device=latents.device)
+        open_words = [""] * batch
         cache = [{} for _ in self.caption_decoder.layers]
         for _ in range(max_length - 1):
             logits = self.caption_decoder(latents, self.token_embedding(input_ids[:, -1:]), cache)[:, -1].float()
+            if word_constraint is not None:
+                allowed = torch.stack([word_constraint.allowed_tokens(word) for word in open_words]).to(logits.device)
+                logits = logits.masked_fill(~allowed, float("-inf"))
             if temperature > 0:
                 next_tokens = sample_top_p(logits / temperature, top_p, generators)
             else:
@@ -702,6 +710,12 @@ class EngravingModel(EngravingPreTrainedModel):
             next_tokens = next_tokens.masked_fill(finished, self.config.pad_token_id)
             input_ids = torch.cat([input_ids, next_tokens[:, None]], dim=1)
             finished |= next_tokens == self.config.eos_token_id
+            if word_constraint is not None:
+                # A token outside the mask (only from non-finite logits, a diverged model) starts a fresh word.
+                open_words = [
+                    word if done else word_constraint.next_open_word(word, token) or ""
+                    for word, token, done in zip(open_words, next_tokens.tolist(), finished.tolist())
+                ]
             if finished.all():
                 break
         return input_ids
@@ -717,12 +731,30 @@ class EngravingModel(EngravingPreTrainedModel):
             )
         return tokenizer
 
+    def caption_word_constraint(self, tokenizer):
+        """The [`CaptionWordConstraint`] of `config.caption_words` for `tokenizer`, built once; `None` when unset."""
+        words = self.config.caption_words
+        if not words:
+            return None
+        built_for = getattr(self, "_caption_word_constraint", (None, None, None))
+        if built_for[0] is not tokenizer or built_for[1] is not words:
+            constraint = CaptionWordConstraint(words, tokenizer, self.config.vocab_size, self.config.eos_token_id)
+            self._caption_word_constraint = (tokenizer, words, constraint)
+        return self._caption_word_constraint[2]
+
     @torch.no_grad()
     def caption_latents(self, latents, tokenizer=None, temperature=0.0, top_p=1.0, generators=None):
-        """Captions `(batch, latent_size)` latents: `list[str]`, greedy by default (see `generate_caption_ids`)."""
+        """
+        Captions `(batch, latent_size)` latents: `list[str]`, greedy by default (see `generate_caption_ids`), in the
+        whole words of `config.caption_words` when it is set.
+        """
         tokenizer = self._require_tokenizer(tokenizer)
-        ids = self.generate_caption_ids(latents, temperature, top_p, generators)
-        return [text.strip() for text in tokenizer.batch_decode(ids, skip_special_tokens=True)]
+        word_constraint = self.caption_word_constraint(tokenizer)
+        ids = self.generate_caption_ids(latents, temperature, top_p, generators, word_constraint=word_constraint)
+        captions = [text.strip() for text in tokenizer.batch_decode(ids, skip_special_tokens=True)]
+        if word_constraint is not None:
+            captions = [word_constraint.drop_half_spelt_word(caption) for caption in captions]
+        return captions
 
     @torch.no_grad()
     def embed_captions(self, captions, tokenizer=None):
@@ -839,6 +871,71 @@ class EngravingModel(EngravingPreTrainedModel):
         return loss.item()
 
 
+WORD_PATTERN = re.compile(r"\w+")
+
+
+def caption_words(captions):
+    """The distinct whole words (runs of `\\w`) of `captions`, sorted: a vocabulary for `EngravingConfig.caption_words`."""
+    return sorted({word for caption in captions for word in WORD_PATTERN.findall(caption)})
+
+
+class CaptionWordConstraint:
+    """
+    Keeps decoded captions to whole words of a vocabulary. A row may take a token only if every word the token
+    completes is in the vocabulary and the word it leaves open starts one; it may end (`<eos>`) only on a complete
+    word. A subword decoder trained on a thousand titles otherwise spells new words that are not words.
+
+    The rule is on the text: a token's text splits at non-word characters into the end of the open word, any whole
+    words, and the start of the next. Tokens that are not printable text on their own (control characters, or bytes
+    of a character split across tokens, which a byte-level BPE has for rare letters) are never allowed. Masks are
+    cached per open word, so a batch pays once for each distinct prefix.
+    """
+
+    def __init__(self, words, tokenizer, vocab_size, eos_token_id):
+        self.words = set(words)
+        self.prefixes = {word[:end] for word in self.words for end in range(len(word) + 1)}
+        self.eos_token_id = eos_token_id
+        special_ids = set(tokenizer.all_special_ids)
+        self.token_pieces = [None] * vocab_size
+        for token_id in range(min(vocab_size, len(tokenizer))):
+            text = tokenizer.decode([token_id])
+            if token_id not in special_ids and text.isprintable() and "\ufffd" not in text:
+                self.token_pieces[token_id] = re.split(r"\W+", text)
+        self.masks = {}
+
+    def next_open_word(self, open_word, token_id):
+        """The open word after `token_id`, or `None` where the token is not allowed after `open_word`."""
+        pieces = self.token_pieces[token_id]
+        if pieces is None:
+            return None
+        if len(pieces) == 1:
+            return open_word + pieces[0] if open_word + pieces[0] in self.prefixes else None
+        completed = [open_word + pieces[0]] + pieces[1:-1]
+        if (completed[0] and completed[0] not in self.words) or any(word not in self.words for word in completed[1:]):
+            return None
+        return pieces[-1] if pieces[-1] in self.prefixes else None
+
+    def allowed_tokens(self, open_word):
+        """
+        `(vocab_size,)` bool mask of the tokens allowed after `open_word`, `<eos>` included when it is complete, or
+        when nothing else is (a word whose remaining letters no token spells).
+        """
+        if open_word not in self.masks:
+            allowed = [self.next_open_word(open_word, token_id) is not None for token_id in range(len(self.token_pieces))]
+            allowed[self.eos_token_id] = not open_word or open_word in self.words or not any(allowed)
+            self.masks[open_word] = torch.tensor(allowed)
+        return self.masks[open_word]
+
+    def drop_half_spelt_word(self, caption):
+        """`caption` without its last word where that word is unfinished: a caption cut at `max_caption_length`."""
+        last_word = None
+        for last_word in WORD_PATTERN.finditer(caption):
+            pass
+        if last_word is not None and last_word.end() == len(caption) and last_word.group() not in self.words:
+            return caption[: last_word.start()].rstrip()
+        return caption
+
+
 def sample_top_p(logits, top_p, generators=None):
     """
     Samples one token per row of `(batch, vocab)` logits from its top-`p` nucleus. Row `i` draws its uniform number
@@ -858,7 +955,14 @@ def sample_top_p(logits, top_p, generators=None):
     return sorted_indices.gather(-1, choice[:, None]).squeeze(-1)
 
 
-__all__ = ["EngravingModel", "EngravingPreTrainedModel", "EngravingDiscriminator", "EngravingOutput"]
+__all__ = [
+    "CaptionWordConstraint",
+    "EngravingModel",
+    "EngravingPreTrainedModel",
+    "EngravingDiscriminator",
+    "EngravingOutput",
+    "caption_words",
+]
 
 
 EngravingModel.register_for_auto_class("AutoModel")

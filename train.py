@@ -41,7 +41,13 @@ from transformers import AutoTokenizer, get_scheduler
 
 from configuration_engraving import EngravingConfig, ENGRAVING_PRESETS
 from generate import captioned_grid
-from modeling_engraving import EngravingDiscriminator, EngravingModel, pixel_values_to_images, resize_and_pad
+from modeling_engraving import (
+    EngravingDiscriminator,
+    EngravingModel,
+    caption_words,
+    pixel_values_to_images,
+    resize_and_pad,
+)
 from tokenization_engraving import train_tokenizer
 
 
@@ -66,6 +72,7 @@ def parse_args(argv=None):
     model.add_argument("--preset", default="base", choices=sorted(ENGRAVING_PRESETS), help="Model size preset of EngravingConfig.")
     model.add_argument("--tokenizer_path", default=None, help="A saved tokenizer to use; when absent, a BPE is trained on the training captions.")
     model.add_argument("--vocab_size", type=int, default=8000, help="Largest vocabulary of the tokenizer trained when --tokenizer_path is absent.")
+    model.add_argument("--unconstrained_captions", action="store_true", help="Let decoded captions spell any token sequence; by default they keep to the whole words of the training captions (config.caption_words).")
     model.add_argument("--adversarial_start_step", type=int, default=None, help="Optimizer step at which the adversarial loss starts (default: the preset's).")
     model.add_argument("--adversarial_loss_weight", type=float, default=None, help="Weight of the adversarial loss; 0 turns the discriminator off (default: the preset's).")
     model.add_argument("--config_overrides", nargs="*", default=[], metavar="KEY=VALUE", help="Further EngravingConfig fields, e.g. kl_loss_weight=1e-4 latent_size=512 (values are JSON).")
@@ -314,8 +321,8 @@ def load_or_train_tokenizer(args, captions):
     return tokenizer
 
 
-def build_config(args, tokenizer):
-    """The preset's EngravingConfig with the image size, vocabulary and flag overrides of this run."""
+def build_config(args, tokenizer, captions):
+    """The preset's EngravingConfig with the image size, vocabulary, caption words and flag overrides of this run."""
     overrides = {}
     fields = inspect.signature(EngravingConfig.__init__).parameters
     for item in args.config_overrides:
@@ -333,6 +340,7 @@ def build_config(args, tokenizer):
     }
     overrides.update({key: value for key, value in flags.items() if value is not None})
     overrides["vocab_size"] = len(tokenizer)
+    overrides["caption_words"] = None if args.unconstrained_captions else caption_words(captions)
     try:
         return EngravingConfig.from_preset(args.preset, **overrides)
     except (TypeError, ValueError) as error:
@@ -648,7 +656,7 @@ def main(args):
     dataset = load_dataset_dict(args.dataset_path)
     with accelerator.main_process_first():
         tokenizer = load_or_train_tokenizer(args, dataset["train"]["caption"])
-    config = build_config(args, tokenizer)
+    config = build_config(args, tokenizer, dataset["train"]["caption"])
     with accelerator.main_process_first():
         train_pixels = decode_to_cache(dataset["train"], config.image_size, args.cache_dir)
         validation_pixels = decode_to_cache(dataset["validation"], config.image_size, args.cache_dir)

@@ -16,7 +16,7 @@ sys.path.insert(0, str(REPO_ROOT))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from configuration_engraving import EngravingConfig  # noqa: E402
-from modeling_engraving import EngravingModel  # noqa: E402
+from modeling_engraving import EngravingModel, caption_words  # noqa: E402
 from tokenization_engraving import train_tokenizer  # noqa: E402
 
 
@@ -47,15 +47,21 @@ def shape_pairs(size=32):
     return [shape_picture(shape, place, size) for shape in SHAPES for place in PLACES]
 
 
+def tiny_training_captions():
+    return [caption for _, caption in shape_pairs()] + ["An engraving depicting a ship beneath the moon"]
+
+
 @pytest.fixture(scope="session")
 def tiny_tokenizer():
-    captions = [caption for _, caption in shape_pairs()] + ["An engraving depicting a ship beneath the moon"]
-    return train_tokenizer(captions * 4, vocab_size=300)
+    return train_tokenizer(tiny_training_captions() * 4, vocab_size=300)
 
 
 @pytest.fixture(scope="session")
 def tiny_config(tiny_tokenizer):
-    return EngravingConfig.from_preset("tiny", vocab_size=len(tiny_tokenizer))
+    """The tiny preset as train.py configures it: its tokenizer's vocabulary, captions kept to the training words."""
+    return EngravingConfig.from_preset(
+        "tiny", vocab_size=len(tiny_tokenizer), caption_words=caption_words(tiny_training_captions())
+    )
 
 
 @pytest.fixture(scope="session")

@@ -12,8 +12,8 @@ import pytest
 import torch
 
 from configuration_engraving import EngravingConfig
-from conftest import REPO_ROOT, shape_pairs
-from modeling_engraving import EngravingModel, images_to_pixel_values
+from conftest import REPO_ROOT, shape_pairs, tiny_training_captions
+from modeling_engraving import WORD_PATTERN, CaptionWordConstraint, EngravingModel, caption_words, images_to_pixel_values
 
 
 def image_digests(images):
@@ -166,6 +166,42 @@ def test_cached_caption_decoding_matches_running_the_whole_caption(tiny_model):
     steps = [tiny_model.caption_decoder(latents, tiny_model.token_embedding(ids[:, :1]), cache)]
     steps += [tiny_model.caption_decoder(latents, tiny_model.token_embedding(ids[:, i : i + 1]), cache) for i in range(1, ids.shape[1])]
     assert torch.allclose(torch.cat(steps, dim=1), full, atol=1e-5)
+
+
+def test_word_constraint_follows_words_across_token_boundaries(tiny_tokenizer):
+    words = caption_words(["An engraving depicting a ship beneath the moon"])
+    constraint = CaptionWordConstraint(words, tiny_tokenizer, len(tiny_tokenizer), tiny_tokenizer.eos_token_id)
+    for caption in ["An engraving depicting a ship beneath the moon", "An engraving depicting the ship"]:
+        open_word = ""
+        for token_id in tiny_tokenizer(caption, add_special_tokens=False)["input_ids"]:
+            assert constraint.allowed_tokens(open_word)[token_id]
+            open_word = constraint.next_open_word(open_word, token_id)
+        assert constraint.allowed_tokens(open_word)[tiny_tokenizer.eos_token_id]
+    half_spelt = tiny_tokenizer(" shi", add_special_tokens=False)["input_ids"]
+    open_word = constraint.next_open_word("", half_spelt[0])
+    for token_id in half_spelt[1:]:
+        open_word = constraint.next_open_word(open_word, token_id)
+    assert open_word == "shi" and not constraint.allowed_tokens(open_word)[tiny_tokenizer.eos_token_id]
+    circle, open_word = tiny_tokenizer(" circle", add_special_tokens=False)["input_ids"], ""
+    for token_id in circle[:-1]:
+        open_word = constraint.next_open_word(open_word, token_id) or ""
+    assert not constraint.allowed_tokens(open_word)[circle[-1]], "'circle' is not a word of that vocabulary"
+    assert constraint.drop_half_spelt_word("An engraving depicting a shi") == "An engraving depicting a"
+    assert constraint.drop_half_spelt_word("An engraving depicting a ship") == "An engraving depicting a ship"
+
+
+def test_sampled_captions_use_only_the_configured_words(tiny_config, tiny_tokenizer):
+    """Untrained, the decoder samples token soup: free, it spells unknown words; constrained, it cannot."""
+    torch.manual_seed(0)
+    model = EngravingModel(EngravingConfig.from_dict({**tiny_config.to_dict(), "caption_words": None})).eval()
+    model.tokenizer = tiny_tokenizer
+    known = set(caption_words(tiny_training_captions()))
+    free = model.generate(seeds=range(8), temperature=1.0, top_p=1.0).captions
+    assert any(set(WORD_PATTERN.findall(caption)) - known for caption in free)
+    model.config.caption_words = sorted(known)
+    constrained = model.generate(seeds=range(8), temperature=1.0, top_p=1.0).captions
+    assert all(set(WORD_PATTERN.findall(caption)) <= known for caption in constrained)
+    assert len(set(constrained)) > 1
 
 
 def test_prior_matches_a_toy_latent_distribution_far_better_than_plain_noise(tiny_config):
