@@ -32,7 +32,13 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from engraving_features import ImageFeatureExtractor, SentenceEmbedder, cosine_nearest_neighbours
-from modeling_engraving import EngravingModel, images_to_pixel_values, pixel_values_to_images, resize_and_pad
+from modeling_engraving import (
+    EngravingModel,
+    caption_words,
+    images_to_pixel_values,
+    pixel_values_to_images,
+    resize_and_pad,
+)
 from train import ImageFolderSplit, has_image_folder_splits, saved_dataset_dict_folder
 
 
@@ -72,6 +78,13 @@ def parse_args(argv=None):
     group.add_argument("--seed", type=int, default=0, help="Samples use seeds seed, seed + 1, ...; also seeds subsets.")
     group.add_argument("--temperature", type=float, default=0.7, help="Caption sampling temperature of `generate`.")
     group.add_argument("--top_p", type=float, default=0.9, help="Caption nucleus of `generate`.")
+    group.add_argument(
+        "--caption_words",
+        choices=["model", "train", "none"],
+        default="model",
+        help="Words decoded captions keep to: the model's `config.caption_words` as saved; the training split's words "
+        "(for a model saved without them); or `none`, decoding free over the BPE vocabulary, to compare.",
+    )
     group.add_argument("--batch_size", type=int, default=32, help="Batch size of the model and of the feature extractor.")
 
     group = parser.add_argument_group("metrics")
@@ -348,6 +361,7 @@ def render_markdown(report):
     """A human-readable report: setup, one table per section, and the sampling rows side by side."""
     lines = [f"# Evaluation of `{report['model']}`", ""]
     setup = ("dataset", "split", "image_size", "num_eval_images", "num_train_images_featurised", "num_samples")
+    setup += ("caption_words",)
     setup += ("feature_extractor", "feature_backend", "device", "elapsed_seconds")
     lines += [f"- **{key}**: {format_value(report[key])}" for key in setup]
     for section in ("real_reference", "reconstruction", "validation_captions", "retrieval"):
@@ -403,6 +417,9 @@ def main(args):
         model_images = real_images
         if image_size != model.config.image_size:
             model_images = model_view(eval_split, model.config.image_size)[0]
+        if args.caption_words != "model":
+            words = caption_words(train_split["caption"]) if args.caption_words == "train" else None
+            model.config.caption_words = words
         outputs = model_outputs(model, model_images, real_captions, args)
     if args.save_model_outputs:
         save_model_outputs(outputs, args.save_model_outputs, image_size, args.jpeg_quality)
@@ -467,6 +484,7 @@ def main(args):
         "num_eval_images": len(real_images),
         "num_train_images_featurised": len(train_bank_images),
         "num_samples": len(outputs["prior_images"]),
+        "caption_words": args.caption_words,
         "feature_extractor": extractor.name,
         "feature_backend": extractor.backend,
         "device": args.device,

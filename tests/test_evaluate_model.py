@@ -242,6 +242,21 @@ def test_report_of_a_tiny_model_has_every_metric_for_both_sampling_rows_and_all_
             assert math.isfinite(report[section][key]), f"{section}.{key}"
     assert report["retrieval"]["num_pairs"] == report["num_eval_images"] == 8
     assert "| kid_x1000 |" in (tmp_path / "report.md").read_text()
+    assert report["caption_words"] == "model"
+
+
+@pytest.mark.parametrize("caption_words", ["train", "none"])
+def test_caption_words_keep_captions_to_the_training_split_or_free(caption_words, tiny_model_dir, tiny_dataset_dir, tmp_path):
+    """The tiny model is untrained: only the constraint keeps its token soup to words of the training captions."""
+    args = parse_args(
+        ["--model", str(tiny_model_dir), "--dataset_path", str(tiny_dataset_dir), "--num_samples", "6",
+         "--kid_num_subsets", "10", "--max_train_images", "12", "--output_dir", str(tmp_path), "--feature_extractor",
+         "efficientnet-lite0", "--caption_words", caption_words]
+    )
+    report = main(args)
+    assert report["caption_words"] == caption_words
+    known = [row["caption_known_words"] for row in report["sampling"].values()]
+    assert all(share == 1.0 for share in known) if caption_words == "train" else all(share < 1.0 for share in known)
 
 
 def test_outputs_saved_without_the_metric_libraries_score_like_a_direct_run(
