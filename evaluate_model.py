@@ -33,6 +33,8 @@ from tqdm.auto import tqdm
 
 from engraving_features import ImageFeatureExtractor, SentenceEmbedder, cosine_nearest_neighbours
 from modeling_engraving import (
+    CAPTION_TEMPERATURE,
+    CAPTION_TOP_P,
     EngravingModel,
     caption_words,
     images_to_pixel_values,
@@ -76,8 +78,10 @@ def parse_args(argv=None):
     group = parser.add_argument_group("sampling")
     group.add_argument("--num_samples", type=int, default=200, help="Engravings drawn per sampling row (prior, no prior).")
     group.add_argument("--seed", type=int, default=0, help="Samples use seeds seed, seed + 1, ...; also seeds subsets.")
-    group.add_argument("--temperature", type=float, default=0.7, help="Caption sampling temperature of `generate`.")
-    group.add_argument("--top_p", type=float, default=0.9, help="Caption nucleus of `generate`.")
+    group.add_argument(
+        "--temperature", type=float, default=CAPTION_TEMPERATURE, help="Caption sampling temperature of `generate`."
+    )
+    group.add_argument("--top_p", type=float, default=CAPTION_TOP_P, help="Caption nucleus of `generate`.")
     group.add_argument(
         "--caption_words",
         choices=["model", "train", "none"],

@@ -21,7 +21,7 @@ from PIL import Image, ImageDraw, ImageFont
 from tqdm.auto import tqdm
 from transformers import AutoModel
 
-from modeling_engraving import images_to_pixel_values, pixel_values_to_images
+from modeling_engraving import CAPTION_TEMPERATURE, CAPTION_TOP_P, images_to_pixel_values, pixel_values_to_images
 
 
 MAX_SEED = 2**32 - 1
@@ -72,9 +72,11 @@ def parse_args(argv=None):
         "--seeds", type=parse_seeds, default="0-7", help="Seeds to draw, e.g. 0-99, 7 or 1,5,10-12."
     )
     sampling_group.add_argument(
-        "--temperature", type=float, default=0.7, help="Caption sampling temperature; 0 is greedy."
+        "--temperature", type=float, default=CAPTION_TEMPERATURE, help="Caption sampling temperature; 0 is greedy."
     )
-    sampling_group.add_argument("--top_p", type=float, default=0.9, help="Nucleus of the caption sampling, in (0, 1].")
+    sampling_group.add_argument(
+        "--top_p", type=float, default=CAPTION_TOP_P, help="Nucleus of the caption sampling, in (0, 1]."
+    )
     sampling_group.add_argument(
         "--no_prior", action="store_true", help="Decode each seed's N(0, I) noise as is, not through the prior."
     )
