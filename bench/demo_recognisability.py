@@ -17,6 +17,7 @@ import argparse
 import json
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 
 import torch
@@ -119,7 +120,7 @@ def agreement(classifier, pixel_values, subjects, positions):
     """Shares of images whose predicted subject, position, and both, match the labels; and the subject's chance level."""
     if len(subjects) == 0:
         nan_shares = dict.fromkeys(("subject", "position", "subject_and_position", "subject_chance"), float("nan"))
-        return nan_shares | {"subject_by_class": {}, "count": 0}
+        return nan_shares | {"subject_by_class": {}, "misread_as": {}, "count": 0}
     predicted_subjects, predicted_positions = classifier.predict(pixel_values)
     subject_match, position_match = predicted_subjects == subjects, predicted_positions == positions
     label_share = torch.bincount(subjects, minlength=len(SUBJECTS)).float() / len(subjects)
@@ -129,9 +130,15 @@ def agreement(classifier, pixel_values, subjects, positions):
         for index, name in enumerate(SUBJECTS)
         if (subjects == index).any()
     }
+    misread = Counter(
+        f"{SUBJECTS[label]} -> {SUBJECTS[predicted]}"
+        for label, predicted in zip(subjects.tolist(), predicted_subjects.tolist())
+        if label != predicted
+    )
     return {
         "subject": subject_match.float().mean().item(),
         "subject_by_class": by_subject,
+        "misread_as": dict(misread.most_common()),
         "position": position_match.float().mean().item(),
         "subject_and_position": (subject_match & position_match).float().mean().item(),
         "subject_chance": (label_share * prediction_share).sum().item(),
@@ -189,6 +196,9 @@ def main(args):
     for name, row in rows.items():
         shares = [row["subject_by_class"].get(subject) for subject in SUBJECTS]
         print(f"| {name} | " + " | ".join("" if share is None else f"{share:.0%}" for share in shares) + " |")
+    misread = rows["samples (prior)"]["misread_as"]
+    print("\nPrior samples whose subject was misread (caption's subject -> what the classifier saw): ", end="")
+    print(", ".join(f"{pair} {count}" for pair, count in list(misread.items())[:8]) or "none")
     if args.output_json:
         Path(args.output_json).write_text(json.dumps({"model": args.model, "rows": rows}, indent=2))
 

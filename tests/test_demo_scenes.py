@@ -84,5 +84,7 @@ def test_recognisability_benchmark_scores_a_saved_model(tiny_model_dir, tmp_path
     assert rows["held-out renders (ceiling)"]["count"] == rows["reconstructions of them"]["count"] == 16
     for row in rows.values():
         assert all(0.0 <= row[k] <= 1.0 or math.isnan(row[k]) for k in ("subject", "position", "subject_chance"))
+        if row["count"]:
+            assert sum(row["misread_as"].values()) == round(row["count"] * (1 - row["subject"]))
     # An untrained tiny model's captions name no demo subject, so its sample rows score nothing rather than fail.
     assert rows["samples (prior)"]["count"] <= 4
