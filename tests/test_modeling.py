@@ -187,6 +187,10 @@ def test_word_constraint_follows_words_across_token_boundaries(tiny_tokenizer):
         open_word = constraint.next_open_word(open_word, token_id) or ""
     assert not constraint.allowed_tokens(open_word)[circle[-1]], "'circle' is not a word of that vocabulary"
     assert constraint.drop_half_spelt_word("An engraving depicting a shi") == "An engraving depicting a"
+    bounded = CaptionWordConstraint(words, tiny_tokenizer, len(tiny_tokenizer), tiny_tokenizer.eos_token_id, max_cached_masks=2)
+    for open_word in ["", "s", "sh", "ship"]:
+        assert torch.equal(bounded.allowed_tokens(open_word), constraint.allowed_tokens(open_word))
+    assert list(bounded.masks) == ["sh", "ship"]
     assert constraint.drop_half_spelt_word("An engraving depicting a ship") == "An engraving depicting a ship"
 
 
