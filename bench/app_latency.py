@@ -24,7 +24,13 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from configuration_engraving import EngravingConfig  # noqa: E402
-from modeling_engraving import EngravingModel, pixel_values_to_images, seeded_generators  # noqa: E402
+from modeling_engraving import (  # noqa: E402
+    CAPTION_TEMPERATURE,
+    CAPTION_TOP_P,
+    EngravingModel,
+    pixel_values_to_images,
+    seeded_generators,
+)
 from tokenization_engraving import train_tokenizer  # noqa: E402
 
 
@@ -38,14 +44,21 @@ def parse_args():
         "--autocast_bfloat16", action="store_true", help="Run under CPU autocast to bfloat16 (uses AMX where present)."
     )
     parser.add_argument("--seed", type=int, default=0, help="Seed of the weights and of the first timed engraving.")
+    parser.add_argument(
+        "--unconstrained_captions", action="store_true", help="Decode captions free, without the training-word masks."
+    )
     return parser.parse_args()
 
 
 def random_word_tokenizer(vocab_size, seed):
-    """A byte-level BPE of about `vocab_size` tokens, trained on random words, so the caption head has its real size."""
+    """
+    A byte-level BPE of about `vocab_size` tokens, trained on random words, so the caption head has its real size; and
+    those 3,000 words, which captions keep to as a trained model's keep to its training captions' words.
+    """
     rng = random.Random(seed)
     words = ["".join(rng.choices("abcdefghijklmnopqrstuvwxyz", k=rng.randint(2, 9))) for _ in range(3000)]
-    return train_tokenizer((" ".join(rng.choices(words, k=12)) for _ in range(5000)), vocab_size=vocab_size)
+    tokenizer = train_tokenizer((" ".join(rng.choices(words, k=12)) for _ in range(5000)), vocab_size=vocab_size)
+    return tokenizer, sorted(set(words))
 
 
 def median_seconds(function, runs):
@@ -63,15 +76,22 @@ def main():
     args = parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
-    tokenizer = random_word_tokenizer(args.vocab_size, args.seed)
-    config = EngravingConfig.from_preset(args.preset, vocab_size=len(tokenizer))
+    tokenizer, words = random_word_tokenizer(args.vocab_size, args.seed)
+    caption_words = None if args.unconstrained_captions else words
+    config = EngravingConfig.from_preset(args.preset, vocab_size=len(tokenizer), caption_words=caption_words)
     model = EngravingModel(config).eval()
     model.tokenizer = tokenizer
     seeds = iter(range(args.seed, args.seed + 4 * (args.runs + 1)))
     latents = model.sample_latents([args.seed])
 
     def caption():
-        ids = model.generate_caption_ids(latents, 0.7, 0.9, seeded_generators([args.seed]))
+        ids = model.generate_caption_ids(
+            latents,
+            CAPTION_TEMPERATURE,
+            CAPTION_TOP_P,
+            seeded_generators([args.seed]),
+            word_constraint=model.caption_word_constraint(tokenizer),
+        )
         return ids.shape[1] - 1, tokenizer.batch_decode(ids, skip_special_tokens=True)
 
     parts = {
