@@ -1,5 +1,7 @@
 """PyTorch Engraving model: a generative image-caption model for engravings."""
 
+import bisect
+import itertools
 import math
 import re
 from collections import OrderedDict
@@ -900,21 +902,32 @@ class CaptionWordConstraint:
 
     The rule is on the text: a token's text splits at non-word characters into the end of the open word, any whole
     words, and the start of the next. Tokens that are not printable text on their own (control characters, or bytes
-    of a character split across tokens, which a byte-level BPE has for rare letters) are never allowed. Masks are
-    cached per open word, so a batch pays once for each distinct prefix (about 8 ms for an 8k vocabulary on one CPU
-    core); the cache keeps the `max_cached_masks` last used, so a long-running app stays within about 32 MB.
+    of a character split across tokens, which a byte-level BPE has for rare letters) are never allowed.
+
+    A mask is built from the words that start with the open word, not by testing every token, and cached per open
+    word; the cache keeps the `max_cached_masks` last used, so a long-running app stays within about 32 MB.
     """
 
     def __init__(self, words, tokenizer, vocab_size, eos_token_id, max_cached_masks=4096):
         self.words = set(words)
+        self.sorted_words = sorted(self.words)
         self.prefixes = {word[:end] for word in self.words for end in range(len(word) + 1)}
         self.eos_token_id = eos_token_id
+        self.vocab_size = vocab_size
         special_ids = set(tokenizer.all_special_ids)
         self.token_pieces = [None] * vocab_size
+        # Allowed tokens, by the text they add to the open word: tokens within a word (`continuing`), and tokens
+        # that end it and whose further words are all known (`ending`), which only the completed word decides.
+        self.continuing, self.ending = {}, {}
         for token_id in range(min(vocab_size, len(tokenizer))):
             text = tokenizer.decode([token_id])
-            if token_id not in special_ids and text.isprintable() and "\ufffd" not in text:
-                self.token_pieces[token_id] = re.split(r"\W+", text)
+            if token_id in special_ids or not text.isprintable() or "\ufffd" in text:
+                continue
+            pieces = self.token_pieces[token_id] = re.split(r"\W+", text)
+            if len(pieces) == 1:
+                self.continuing.setdefault(pieces[0], []).append(token_id)
+            elif all(word in self.words for word in pieces[1:-1]) and pieces[-1] in self.prefixes:
+                self.ending.setdefault(pieces[0], []).append(token_id)
         self.masks = OrderedDict()
         self.max_cached_masks = max_cached_masks
 
@@ -932,18 +945,27 @@ class CaptionWordConstraint:
 
     def allowed_tokens(self, open_word):
         """
-        `(vocab_size,)` bool mask of the tokens allowed after `open_word`, `<eos>` included when it is complete, or
-        when nothing else is (a word whose remaining letters no token spells).
+        `(vocab_size,)` bool mask of the tokens allowed after `open_word` (those for which `next_open_word` is not
+        `None`), `<eos>` included when the word is complete, or when nothing else is allowed (a word whose remaining
+        letters no token spells).
         """
         if open_word in self.masks:
             self.masks.move_to_end(open_word)
             return self.masks[open_word]
-        allowed = [self.next_open_word(open_word, token_id) is not None for token_id in range(len(self.token_pieces))]
-        allowed[self.eos_token_id] = not open_word or open_word in self.words or not any(allowed)
-        self.masks[open_word] = torch.tensor(allowed)
+        allowed_ids = list(self.ending.get("", [])) if not open_word else []
+        start = bisect.bisect_left(self.sorted_words, open_word)
+        for word in itertools.takewhile(lambda word: word.startswith(open_word), itertools.islice(self.sorted_words, start, None)):
+            rest = word[len(open_word) :]
+            allowed_ids += self.ending.get(rest, [])
+            for end in range(len(rest) + 1):
+                allowed_ids += self.continuing.get(rest[:end], [])
+        mask = torch.zeros(self.vocab_size, dtype=torch.bool)
+        mask[allowed_ids] = True
+        mask[self.eos_token_id] = not open_word or open_word in self.words or not mask.any()
+        self.masks[open_word] = mask
         if len(self.masks) > self.max_cached_masks:
             self.masks.popitem(last=False)
-        return self.masks[open_word]
+        return mask
 
     def drop_half_spelt_word(self, caption):
         """`caption` without its last word where that word is unfinished: a caption cut at `max_caption_length`."""

@@ -187,6 +187,13 @@ def test_word_constraint_follows_words_across_token_boundaries(tiny_tokenizer):
         open_word = constraint.next_open_word(open_word, token_id) or ""
     assert not constraint.allowed_tokens(open_word)[circle[-1]], "'circle' is not a word of that vocabulary"
     assert constraint.drop_half_spelt_word("An engraving depicting a shi") == "An engraving depicting a"
+    # The masks, built from the words, allow exactly the tokens that next_open_word lets through.
+    for open_word in sorted(constraint.prefixes) + ["x", "shipx"]:
+        reference = [constraint.next_open_word(open_word, token_id) is not None for token_id in range(len(tiny_tokenizer))]
+        mask = constraint.allowed_tokens(open_word).tolist()
+        assert mask[: tiny_tokenizer.eos_token_id] + mask[tiny_tokenizer.eos_token_id + 1 :] == (
+            reference[: tiny_tokenizer.eos_token_id] + reference[tiny_tokenizer.eos_token_id + 1 :]
+        ), open_word
     bounded = CaptionWordConstraint(words, tiny_tokenizer, len(tiny_tokenizer), tiny_tokenizer.eos_token_id, max_cached_masks=2)
     for open_word in ["", "s", "sh", "ship"]:
         assert torch.equal(bounded.allowed_tokens(open_word), constraint.allowed_tokens(open_word))
