@@ -916,18 +916,22 @@ class CaptionWordConstraint:
         self.vocab_size = vocab_size
         special_ids = set(tokenizer.all_special_ids)
         self.token_pieces = [None] * vocab_size
-        # Allowed tokens, by the text they add to the open word: tokens within a word (`continuing`), and tokens
-        # that end it and whose further words are all known (`ending`), which only the completed word decides.
+        # Usable tokens, by the text they add to the open word: tokens within a word (`continuing`), and tokens that
+        # end it and whose further words are all known (`ending`), which only the completed word then decides. A
+        # token that is neither keeps no pieces: it is never allowed.
         self.continuing, self.ending = {}, {}
         for token_id in range(min(vocab_size, len(tokenizer))):
             text = tokenizer.decode([token_id])
             if token_id in special_ids or not text.isprintable() or "\ufffd" in text:
                 continue
-            pieces = self.token_pieces[token_id] = re.split(r"\W+", text)
+            pieces = re.split(r"\W+", text)
             if len(pieces) == 1:
                 self.continuing.setdefault(pieces[0], []).append(token_id)
             elif all(word in self.words for word in pieces[1:-1]) and pieces[-1] in self.prefixes:
                 self.ending.setdefault(pieces[0], []).append(token_id)
+            else:
+                continue
+            self.token_pieces[token_id] = pieces
         self.masks = OrderedDict()
         self.max_cached_masks = max_cached_masks
 
@@ -938,10 +942,8 @@ class CaptionWordConstraint:
             return None
         if len(pieces) == 1:
             return open_word + pieces[0] if open_word + pieces[0] in self.prefixes else None
-        completed = [open_word + pieces[0]] + pieces[1:-1]
-        if (completed[0] and completed[0] not in self.words) or any(word not in self.words for word in completed[1:]):
-            return None
-        return pieces[-1] if pieces[-1] in self.prefixes else None
+        completed = open_word + pieces[0]
+        return pieces[-1] if not completed or completed in self.words else None
 
     def allowed_tokens(self, open_word):
         """
@@ -969,10 +971,8 @@ class CaptionWordConstraint:
 
     def drop_half_spelt_word(self, caption):
         """`caption` without its last word where that word is unfinished: a caption cut at `max_caption_length`."""
-        last_word = None
-        for last_word in WORD_PATTERN.finditer(caption):
-            pass
-        if last_word is not None and last_word.end() == len(caption) and last_word.group() not in self.words:
+        last_word = re.search(rf"{WORD_PATTERN.pattern}$", caption)
+        if last_word is not None and last_word.group() not in self.words:
             return caption[: last_word.start()].rstrip()
         return caption
 
