@@ -654,15 +654,16 @@ def main(args):
 
     # Data: decoded once into a uint8 cache (the main process writes it), captions tokenized once.
     dataset = load_dataset_dict(args.dataset_path)
+    train_captions = list(dataset["train"]["caption"])
     with accelerator.main_process_first():
-        tokenizer = load_or_train_tokenizer(args, dataset["train"]["caption"])
-    config = build_config(args, tokenizer, dataset["train"]["caption"])
+        tokenizer = load_or_train_tokenizer(args, train_captions)
+    config = build_config(args, tokenizer, train_captions)
     with accelerator.main_process_first():
         train_pixels = decode_to_cache(dataset["train"], config.image_size, args.cache_dir)
         validation_pixels = decode_to_cache(dataset["validation"], config.image_size, args.cache_dir)
     train_cache = PixelCache(train_pixels, accelerator.device)
     validation_cache = PixelCache(validation_pixels, accelerator.device)
-    train_ids, train_mask = tokenize_captions(tokenizer, dataset["train"]["caption"], config.max_caption_length)
+    train_ids, train_mask = tokenize_captions(tokenizer, train_captions, config.max_caption_length)
     validation_ids, validation_mask = tokenize_captions(
         tokenizer, dataset["validation"]["caption"], config.max_caption_length
     )
