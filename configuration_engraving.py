@@ -98,6 +98,7 @@ class EngravingConfig(PretrainedConfig):
         bos_token_id=1,
         eos_token_id=2,
         reconstruction_loss_weight=1.0,
+        reconstruction_pool_size=1,
         kl_loss_weight=1e-3,
         caption_loss_weight=2.0,
         contrastive_loss_weight=0.5,
@@ -158,6 +159,13 @@ class EngravingConfig(PretrainedConfig):
         """Prefix tokens the latent is projected to, to condition the caption decoder."""
         self.reconstruction_loss_weight = reconstruction_loss_weight
         """Weight of the L1 + MSE pixel reconstruction loss."""
+        self.reconstruction_pool_size = reconstruction_pool_size
+        """
+        Side of the pixel squares averaged before the reconstruction loss compares images (1: pixel by pixel). One
+        global latent cannot place a print's hatching line for line, so a pixel loss pays the decoder to average it to
+        grey; pooled, it constrains the composition and tone, and leaves detail finer than the squares to the
+        adversarial loss.
+        """
         self.kl_loss_weight = kl_loss_weight
         """Weight of the KL divergence of the posterior from N(0, I), averaged per latent dimension."""
         self.caption_loss_weight = caption_loss_weight

@@ -595,6 +595,14 @@ class EngravingModel(EngravingPreTrainedModel):
         self.latent_mean.lerp_(latents.float().mean(dim=0), momentum)
         self.latent_std.lerp_(std.clamp(min=1e-4), momentum)
 
+    def reconstruction_loss(self, reconstructions, pixel_values):
+        """L1 + MSE between images average-pooled over `config.reconstruction_pool_size` squares."""
+        pool_size = self.config.reconstruction_pool_size
+        reconstructions, pixel_values = reconstructions.float(), pixel_values.float()
+        if pool_size > 1:
+            reconstructions, pixel_values = F.avg_pool2d(reconstructions, pool_size), F.avg_pool2d(pixel_values, pool_size)
+        return F.l1_loss(reconstructions, pixel_values) + F.mse_loss(reconstructions, pixel_values)
+
     def prior_loss(self, latents, text_latents=None):
         """Flow-matching loss of the prior on detached `(batch, latent_size)` latents, text-conditioned on a random share."""
         target = self.standardize_latents(latents.detach())
@@ -639,9 +647,7 @@ class EngravingModel(EngravingPreTrainedModel):
         if num_sampled_images:
             noise = torch.randn(num_sampled_images, self.config.latent_size, device=mean.device, dtype=mean.dtype)
             sampled_images = self.image_decoder(self.unstandardize_latents(noise).to(mean.dtype))
-        loss_reconstruction = F.l1_loss(reconstructions.float(), pixel_values.float()) + F.mse_loss(
-            reconstructions.float(), pixel_values.float()
-        )
+        loss_reconstruction = self.reconstruction_loss(reconstructions, pixel_values)
         loss_kl = 0.5 * (mean.float().pow(2) + logvar.float().exp() - 1.0 - logvar.float()).mean()
         loss = self.config.reconstruction_loss_weight * loss_reconstruction + self.config.kl_loss_weight * loss_kl
 

@@ -88,8 +88,9 @@ def compute_only_images_per_second(train_args, warmup_steps, num_steps):
     """(a): train.py's model, optimizers and `forward_backward` on one fixed random batch already on the device."""
     accelerator = Accelerator(mixed_precision=train_args.mixed_precision, dynamo_backend="inductor" if train_args.torch_compile else None)
     dataset = load_dataset_dict(train_args.dataset_path)
-    tokenizer = load_or_train_tokenizer(train_args, dataset["train"]["caption"])
-    config = build_config(train_args, tokenizer)
+    captions = dataset["train"]["caption"]
+    tokenizer = load_or_train_tokenizer(train_args, captions)
+    config = build_config(train_args, tokenizer, captions)
     torch.manual_seed(0)
     model, discriminator, optimizer, discriminator_optimizer = build_model_and_optimizers(
         train_args, config, tokenizer, accelerator.device
