@@ -85,6 +85,20 @@ def test_every_loss_is_finite_and_the_total_is_their_weighted_sum(tiny_model, ti
     assert outputs.reconstructions.shape == (8, 3, 32, 32)
 
 
+def test_pooled_reconstruction_loss_ignores_detail_finer_than_its_squares(tiny_config):
+    """A reconstruction off by a zero-mean 2 x 2 hatch pattern costs nothing at pool 2, and the same as off-by-0.5 at pool 1."""
+    pixel_values = torch.rand(2, 3, 32, 32) * 2 - 1
+    hatching = 0.5 * torch.tensor([[1.0, -1.0], [-1.0, 1.0]]).repeat(16, 16)
+    by_pool = {
+        pool: EngravingModel(EngravingConfig(**{**tiny_config.to_dict(), "reconstruction_pool_size": pool}))
+        .reconstruction_loss(pixel_values + hatching, pixel_values)
+        .item()
+        for pool in (1, 2)
+    }
+    assert by_pool[2] == pytest.approx(0.0, abs=1e-6)
+    assert by_pool[1] == pytest.approx(0.5 + 0.25)
+
+
 def test_same_seed_gives_same_engraving_and_caption(tiny_model):
     first = tiny_model.generate(seeds=[7, 3])
     second = tiny_model.generate(seeds=[7, 3])

@@ -184,3 +184,19 @@ def test_adversarial_balance_gives_the_adversarial_gradient_the_reconstruction_g
     gradient = torch.autograd.grad(balance * loss_adversarial, output_layer)[0]
     assert not balance.requires_grad
     assert gradient.norm().item() == pytest.approx(direction.norm().item(), rel=1e-3)
+
+
+def test_throughput_benchmark_times_the_compute_only_step_and_the_real_loop(tiny_dataset_dir, tmp_path):
+    command = [
+        sys.executable, str(REPO_ROOT / "bench" / "train_throughput.py"), "--preset", "tiny", "--image_size", "32",
+        "--train_batch_size", "8", "--num_steps", "2", "--warmup_steps", "1", "--dataset_path", str(tiny_dataset_dir),
+        "--output_dir", str(tmp_path / "work"), "--output_json", str(tmp_path / "throughput.json"),
+    ]
+    environment = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(command, cwd=REPO_ROOT, env=environment, capture_output=True, text=True, timeout=240)
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads((tmp_path / "throughput.json").read_text())
+    assert report["compute_only_images_per_second"] > 0 and report["train_loop_images_per_second"] > 0
+    assert report["ratio"] == pytest.approx(
+        report["train_loop_images_per_second"] / report["compute_only_images_per_second"], abs=1e-3
+    )
