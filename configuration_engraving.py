@@ -85,6 +85,7 @@ class EngravingConfig(PretrainedConfig):
         encoder_channels=(64, 128, 256, 256, 256, 256),
         decoder_channels=(64, 128, 256, 256, 256, 256),
         decoder_blocks_per_level=1,
+        ink_on_paper=False,
         norm_num_groups=8,
         text_hidden_size=512,
         text_num_heads=8,
@@ -139,6 +140,12 @@ class EngravingConfig(PretrainedConfig):
         """Decoder width per resolution level, from full resolution down; the last is repeated if short."""
         self.decoder_blocks_per_level = decoder_blocks_per_level
         """Residual blocks per decoder level: the decoder's depth, and so its capacity for line work."""
+        self.ink_on_paper = ink_on_paper
+        """
+        Draw every image as one ink layer over paper, as a print is: the decoder paints an ink density in [0, 1] per
+        pixel, and each image's paper and ink colours come from its latent. Colour is then two values per image, not a
+        free direction per pixel: an adversarial loss cannot tint the lines green or magenta. `False` paints RGB.
+        """
         self.norm_num_groups = norm_num_groups
         """Groups of the GroupNorm layers in the convolutional blocks."""
         self.text_hidden_size = text_hidden_size

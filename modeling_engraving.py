@@ -261,7 +261,8 @@ class EngravingImageEncoder(nn.Module):
 class EngravingImageDecoder(nn.Module):
     """
     CNN from `(batch, latent_size)` latents up to `(batch, channels, image_size, image_size)` pixels in about [-1, 1];
-    its last convolution writes each pixel patch as channels, unfolded by a pixel shuffle.
+    its last convolution writes each pixel patch as channels, unfolded by a pixel shuffle. With `config.ink_on_paper`
+    it writes an ink density instead, laid between the paper and ink colours that it reads from the latent.
     """
 
     def __init__(self, config):
@@ -282,8 +283,10 @@ class EngravingImageDecoder(nn.Module):
             for level in reversed(range(config.num_levels))
         )
         self.norm_out = group_norm(self.widths[0], config.norm_num_groups)
-        self.conv_out = nn.Conv2d(self.widths[0], config.num_channels * config.patch_size**2, 3, padding=1)
+        painted_channels = 1 if config.ink_on_paper else config.num_channels
+        self.conv_out = nn.Conv2d(self.widths[0], painted_channels * config.patch_size**2, 3, padding=1)
         self.shuffle = nn.PixelShuffle(config.patch_size)
+        self.to_paper_and_ink = nn.Linear(config.latent_size, 2 * config.num_channels) if config.ink_on_paper else None
 
     def forward(self, latents):
         hidden_states = self.from_latent(latents).view(
@@ -292,7 +295,11 @@ class EngravingImageDecoder(nn.Module):
         hidden_states = self.bottleneck(hidden_states)
         for level in self.levels:
             hidden_states = level(hidden_states)
-        return self.shuffle(self.conv_out(F.silu(self.norm_out(hidden_states))))
+        painted = self.shuffle(self.conv_out(F.silu(self.norm_out(hidden_states))))
+        if self.to_paper_and_ink is None:
+            return painted
+        paper, ink = torch.tanh(self.to_paper_and_ink(latents))[:, :, None, None].chunk(2, dim=1)
+        return torch.lerp(paper, ink, torch.sigmoid(painted))
 
 
 class EngravingTextEncoder(nn.Module):

@@ -16,8 +16,12 @@
 #
 #   bash bench/gpu_recipe.sh data/engravings_384 gpu_out 10
 #
-# RUNS holds one run per line: a name, an image size, then extra train.py flags. The default is the recipe at
-# 256 px and at 512 px. SMOKE_PRESET, BENCH_PRESET, RUN_PRESET and BENCH_SIZE can be overridden to rehearse the
+# RUNS holds one run per line: a name, an image size, then extra train.py flags, e.g. an ablation beside the recipe:
+#
+#   RUNS="real256 256
+#   pooled256 256 --config_overrides reconstruction_pool_size=4" bash bench/gpu_recipe.sh data/engravings_384 gpu_out 4.5
+#
+# The default is the recipe at 256 px and at 512 px. SMOKE_PRESET, BENCH_PRESET, RUN_PRESET and BENCH_SIZE can be overridden to rehearse the
 # script on a CPU; SMOKE=0 and THROUGHPUT=0 skip steps 1 and 2.
 set -uo pipefail
 DATA=${1:?DATA folder}
@@ -48,12 +52,11 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>/dev/null
 $PYTHON -c "import torch, transformers, accelerate, tokenizers; print('torch', torch.__version__, 'transformers', transformers.__version__, 'accelerate', accelerate.__version__, 'tokenizers', tokenizers.__version__, 'cuda', torch.cuda.is_available() and torch.cuda.get_device_name())"
 
 # Flags shared by every training run: bf16, EMA, flips (real titles rarely say left or right), a constant rate after
-# warmup (the run ends on a time budget, not a step count). The adversarial loss starts once the autoencoder has a
-# layout, at the full share of the reconstruction gradient; the reconstruction loss compares 4 x 4 pixel averages
-# at 256 px (8 x 8 at 512 px), so the hatching is the adversarial loss's to draw (BENCHMARKS.md, "Quality").
+# warmup (the run ends on a time budget, not a step count), the adversarial loss at half the reconstruction
+# gradient's norm once the autoencoder has a layout. A run's own flags in RUNS come after these and override them.
 TRAIN_FLAGS=(--dataset_path "$DATA" --cache_dir "$CACHE" --train_batch_size "$BATCH" --mixed_precision bf16
   --use_ema --random_flip --learning_rate 5e-4 --lr_scheduler constant_with_warmup --lr_warmup_steps 200
-  --adversarial_loss_weight 1.0 --adversarial_start_step 500
+  --adversarial_loss_weight 0.5 --adversarial_start_step 1000
   --report_to none --checkpointing_steps 1000000 --logging_steps 100 --num_validation_samples 16)
 
 evaluate_outputs() {  # model folder, output .npz, number of samples, JPEG quality
@@ -61,13 +64,10 @@ evaluate_outputs() {  # model folder, output .npz, number of samples, JPEG quali
     --num_samples "$3" --image_size 256 --jpeg_quality "${4:-90}" --batch_size 100 --output_dir "$2.eval"
 }
 
-pool_size() { echo $(( $1 / 64 )); }  # the reconstruction loss's squares: 4 at 256 px, 8 at 512 px
-
 if [ "$SMOKE" = 1 ]; then
   stamp "1. smoke run"
   $PYTHON train.py "${TRAIN_FLAGS[@]}" --preset "$SMOKE_PRESET" --image_size 256 --output_dir "$WORK/smoke" \
     --max_train_steps 30 --adversarial_start_step 10 --validation_epochs 1 --prior_fit_steps 20 --logging_steps 10 \
-    --config_overrides reconstruction_pool_size=4 \
     && evaluate_outputs "$WORK/smoke/model" "$WORK/smoke.npz" 8
   if [ $? -ne 0 ]; then stamp "smoke run failed: stopping"; exit 1; fi
 fi
@@ -87,7 +87,7 @@ while read -r name size flags; do
   # shellcheck disable=SC2086
   ( $PYTHON train.py "${TRAIN_FLAGS[@]}" --preset "$RUN_PRESET" --image_size "$size" --output_dir "$WORK/$name" \
       --max_train_steps 1000000 --max_train_minutes "$MINUTES" --validation_epochs 100000 --prior_fit_steps 2000 \
-      --config_overrides "reconstruction_pool_size=$(pool_size "$size")" $flags > "$WORK/$name.log" 2>&1 \
+      $flags > "$WORK/$name.log" 2>&1 \
     && evaluate_outputs "$WORK/$name/model" "$OUT/${name}_outputs.npz" "$NUM_SAMPLES" >> "$WORK/$name.log" 2>&1
     # A file over 16 MiB would not come back: fall back to a lower JPEG quality.
     if [ "$(stat -c %s "$OUT/${name}_outputs.npz" 2>/dev/null || echo 0)" -gt 16000000 ]; then
