@@ -43,12 +43,31 @@ def test_image_size_must_be_whole_patches_down_to_the_bottleneck():
         EngravingConfig(image_size=96, patch_size=4, bottleneck_size=4)
 
 
-def test_untrained_decoder_paints_each_pixel_patch_in_one_colour(tiny_config):
-    images = EngravingModel(tiny_config).decode_latents(torch.randn(2, tiny_config.latent_size))
+@pytest.mark.parametrize("ink_on_paper", [False, True])
+def test_untrained_decoder_paints_each_pixel_patch_in_one_colour(tiny_config, ink_on_paper):
+    config = EngravingConfig(**{**tiny_config.to_dict(), "ink_on_paper": ink_on_paper})
+    images = EngravingModel(config).decode_latents(torch.randn(2, tiny_config.latent_size))
     patch = tiny_config.patch_size
     first_pixel_of_each_patch = images[:, :, ::patch, ::patch]
     nearest_upsampled = first_pixel_of_each_patch.repeat_interleave(patch, 2).repeat_interleave(patch, 3)
     assert patch > 1 and torch.equal(images, nearest_upsampled)
+
+
+def test_ink_on_paper_images_hold_two_colours_and_the_shades_between(tiny_config):
+    """Every pixel lies between its image's paper and ink colours: colour is two values per image, not per pixel."""
+    torch.manual_seed(0)
+    model = EngravingModel(EngravingConfig(**{**tiny_config.to_dict(), "ink_on_paper": True}))
+    with torch.no_grad():
+        model.image_decoder.conv_out.weight.normal_(std=1.0)  # random line work, not the smooth start
+        model.image_decoder.to_paper_and_ink.weight.normal_(std=0.5)
+        latents = torch.randn(3, tiny_config.latent_size)
+        images = model.decode_latents(latents)
+        paper, ink = torch.tanh(model.image_decoder.to_paper_and_ink(latents)).chunk(2, dim=1)
+    for image, paper_colour, ink_colour in zip(images, paper, ink):
+        pixels = image.flatten(1).T  # (pixels, 3)
+        shade = (pixels - paper_colour) @ (ink_colour - paper_colour) / (ink_colour - paper_colour).square().sum()
+        assert torch.allclose(pixels, paper_colour + shade[:, None] * (ink_colour - paper_colour), atol=1e-5)
+        assert shade.min() >= -1e-5 and shade.max() <= 1 + 1e-5 and shade.std() > 0.1
 
 
 def test_sampled_images_are_decoded_from_the_gaussian_of_the_latents(tiny_config):
