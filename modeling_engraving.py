@@ -286,7 +286,8 @@ class EngravingImageDecoder(nn.Module):
         painted_channels = 1 if config.ink_on_paper else config.num_channels
         self.conv_out = nn.Conv2d(self.widths[0], painted_channels * config.patch_size**2, 3, padding=1)
         self.shuffle = nn.PixelShuffle(config.patch_size)
-        self.to_paper_and_ink = nn.Linear(config.latent_size, 2 * config.num_channels) if config.ink_on_paper else None
+        # The paper's colour, and the ink's one grey level: an engraving's colour is its paper's.
+        self.to_paper_and_ink = nn.Linear(config.latent_size, config.num_channels + 1) if config.ink_on_paper else None
 
     def forward(self, latents):
         hidden_states = self.from_latent(latents).view(
@@ -298,7 +299,8 @@ class EngravingImageDecoder(nn.Module):
         painted = self.shuffle(self.conv_out(F.silu(self.norm_out(hidden_states))))
         if self.to_paper_and_ink is None:
             return painted
-        paper, ink = torch.tanh(self.to_paper_and_ink(latents))[:, :, None, None].chunk(2, dim=1)
+        tones = torch.tanh(self.to_paper_and_ink(latents))[:, :, None, None]
+        paper, ink = tones[:, :-1], tones[:, -1:]
         return torch.lerp(paper, ink, torch.sigmoid(painted))
 
 

@@ -53,8 +53,8 @@ def test_untrained_decoder_paints_each_pixel_patch_in_one_colour(tiny_config, in
     assert patch > 1 and torch.equal(images, nearest_upsampled)
 
 
-def test_ink_on_paper_images_hold_two_colours_and_the_shades_between(tiny_config):
-    """Every pixel lies between its image's paper and ink colours: colour is two values per image, not per pixel."""
+def test_ink_on_paper_images_hold_the_paper_colour_a_grey_ink_and_the_shades_between(tiny_config):
+    """Every pixel lies between its image's paper colour and its grey ink: colour is the paper's, not any pixel's own."""
     torch.manual_seed(0)
     model = EngravingModel(EngravingConfig(**{**tiny_config.to_dict(), "ink_on_paper": True}))
     with torch.no_grad():
@@ -62,8 +62,9 @@ def test_ink_on_paper_images_hold_two_colours_and_the_shades_between(tiny_config
         model.image_decoder.to_paper_and_ink.weight.normal_(std=0.5)
         latents = torch.randn(3, tiny_config.latent_size)
         images = model.decode_latents(latents)
-        paper, ink = torch.tanh(model.image_decoder.to_paper_and_ink(latents)).chunk(2, dim=1)
-    for image, paper_colour, ink_colour in zip(images, paper, ink):
+        tones = torch.tanh(model.image_decoder.to_paper_and_ink(latents))
+    for image, paper_colour, ink_grey in zip(images, tones[:, :-1], tones[:, -1]):
+        ink_colour = ink_grey.expand(3)
         pixels = image.flatten(1).T  # (pixels, 3)
         shade = (pixels - paper_colour) @ (ink_colour - paper_colour) / (ink_colour - paper_colour).square().sum()
         assert torch.allclose(pixels, paper_colour + shade[:, None] * (ink_colour - paper_colour), atol=1e-5)
