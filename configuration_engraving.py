@@ -143,9 +143,9 @@ class EngravingConfig(PretrainedConfig):
         self.ink_on_paper = ink_on_paper
         """
         Draw every image as one ink layer over paper, as a print is: the decoder paints an ink density in [0, 1] per
-        pixel, and each image's paper colour and the grey of its ink come from its latent. Colour is then the paper's
-        alone, not a free direction per pixel: neither the adversarial loss nor the prior can tint the lines green or
-        magenta. `False` paints RGB.
+        pixel; each image's latent gives the grey of its paper, how far the paper has yellowed (along one tint that
+        the whole model learns) and the grey of its ink. Colour is then the paper's, along one direction: neither the
+        adversarial loss nor the prior can tint an engraving green or magenta. `False` paints RGB.
         """
         self.norm_num_groups = norm_num_groups
         """Groups of the GroupNorm layers in the convolutional blocks."""

@@ -286,8 +286,14 @@ class EngravingImageDecoder(nn.Module):
         painted_channels = 1 if config.ink_on_paper else config.num_channels
         self.conv_out = nn.Conv2d(self.widths[0], painted_channels * config.patch_size**2, 3, padding=1)
         self.shuffle = nn.PixelShuffle(config.patch_size)
-        # The paper's colour, and the ink's one grey level: an engraving's colour is its paper's.
-        self.to_paper_and_ink = nn.Linear(config.latent_size, config.num_channels + 1) if config.ink_on_paper else None
+        if config.ink_on_paper:
+            # Per image: the paper's grey, how far it has yellowed, and the ink's grey. The yellowing is one colour
+            # shared by all images (`paper_tint`, learned): old paper turns one way, so no latent, and no sample of
+            # the prior, can make it pink or green.
+            self.to_paper_and_ink = nn.Linear(config.latent_size, 3)
+            self.paper_tint = nn.Parameter(torch.zeros(config.num_channels))
+        else:
+            self.to_paper_and_ink = self.paper_tint = None
 
     def forward(self, latents):
         hidden_states = self.from_latent(latents).view(
@@ -299,9 +305,9 @@ class EngravingImageDecoder(nn.Module):
         painted = self.shuffle(self.conv_out(F.silu(self.norm_out(hidden_states))))
         if self.to_paper_and_ink is None:
             return painted
-        tones = torch.tanh(self.to_paper_and_ink(latents))[:, :, None, None]
-        paper, ink = tones[:, :-1], tones[:, -1:]
-        return torch.lerp(paper, ink, torch.sigmoid(painted))
+        paper_grey, yellowing, ink = self.to_paper_and_ink(latents)[:, :, None, None].unbind(1)
+        paper = torch.tanh(paper_grey)[:, None] + torch.sigmoid(yellowing)[:, None] * self.paper_tint[:, None, None]
+        return torch.lerp(paper, torch.tanh(ink)[:, None], torch.sigmoid(painted))
 
 
 class EngravingTextEncoder(nn.Module):
@@ -503,6 +509,8 @@ class EngravingPreTrainedModel(PreTrainedModel):
             # shuffle starts as a nearest-neighbour upsampling, free of the checkerboard that random filters draw.
             patch_pixels = self.config.patch_size**2
             init.copy_(module.conv_out.weight, module.conv_out.weight[::patch_pixels].repeat_interleave(patch_pixels, 0))
+            if module.paper_tint is not None:
+                init.zeros_(module.paper_tint)
         elif isinstance(module, EngravingLatentPrior):
             init.zeros_(module.null_condition)
             init.zeros_(module.output_projection.weight)
