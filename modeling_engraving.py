@@ -262,7 +262,7 @@ class EngravingImageDecoder(nn.Module):
     """
     CNN from `(batch, latent_size)` latents up to `(batch, channels, image_size, image_size)` pixels in about [-1, 1];
     its last convolution writes each pixel patch as channels, unfolded by a pixel shuffle. With `config.ink_on_paper`
-    it writes an ink density instead, laid between the paper and ink colours that it reads from the latent.
+    it writes an ink density instead, laid between a grey ink and a tinted paper that it reads from the latent.
     """
 
     def __init__(self, config):

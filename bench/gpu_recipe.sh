@@ -21,8 +21,8 @@
 #   RUNS="real256 256
 #   pooled256 256 --config_overrides reconstruction_pool_size=4" bash bench/gpu_recipe.sh data/engravings_384 gpu_out 4.5
 #
-# The default is the recipe at 256 px and at 512 px. SMOKE_PRESET, BENCH_PRESET, RUN_PRESET and BENCH_SIZE can be overridden to rehearse the
-# script on a CPU; SMOKE=0 and THROUGHPUT=0 skip steps 1 and 2.
+# The default is the recipe at 256 px and at 512 px. SMOKE_PRESET, BENCH_PRESET, RUN_PRESET and BENCH_SIZE can be
+# overridden to rehearse the script on a CPU; SMOKE=0 and THROUGHPUT=0 skip steps 1 and 2.
 set -uo pipefail
 DATA=${1:?DATA folder}
 OUT=${2:?OUT folder}

@@ -20,6 +20,11 @@ def image_digests(images):
     return [hashlib.sha256(image.tobytes()).hexdigest() for image in images]
 
 
+def with_fields(config, **fields):
+    """A copy of `config` with `fields` changed."""
+    return EngravingConfig.from_dict({**config.to_dict(), **fields})
+
+
 def test_presets_have_the_documented_sizes():
     base = EngravingModel(EngravingConfig.from_preset("base"))
     assert 40e6 <= base.num_parameters() <= 80e6
@@ -45,8 +50,8 @@ def test_image_size_must_be_whole_patches_down_to_the_bottleneck():
 
 @pytest.mark.parametrize("ink_on_paper", [False, True])
 def test_untrained_decoder_paints_each_pixel_patch_in_one_colour(tiny_config, ink_on_paper):
-    config = EngravingConfig(**{**tiny_config.to_dict(), "ink_on_paper": ink_on_paper})
-    images = EngravingModel(config).decode_latents(torch.randn(2, tiny_config.latent_size))
+    model = EngravingModel(with_fields(tiny_config, ink_on_paper=ink_on_paper))
+    images = model.decode_latents(torch.randn(2, tiny_config.latent_size))
     patch = tiny_config.patch_size
     first_pixel_of_each_patch = images[:, :, ::patch, ::patch]
     nearest_upsampled = first_pixel_of_each_patch.repeat_interleave(patch, 2).repeat_interleave(patch, 3)
@@ -56,7 +61,7 @@ def test_untrained_decoder_paints_each_pixel_patch_in_one_colour(tiny_config, in
 def test_ink_on_paper_images_hold_one_paper_colour_a_grey_ink_and_the_shades_between(tiny_config):
     """Each pixel lies between its image's paper and a grey ink; papers differ from grey only along the one shared tint."""
     torch.manual_seed(0)
-    model = EngravingModel(EngravingConfig(**{**tiny_config.to_dict(), "ink_on_paper": True}))
+    model = EngravingModel(with_fields(tiny_config, ink_on_paper=True))
     decoder = model.image_decoder
     with torch.no_grad():
         decoder.conv_out.weight.normal_(std=1.0)  # random line work, not the smooth start
@@ -113,7 +118,7 @@ def test_pooled_reconstruction_loss_ignores_detail_finer_than_its_squares(tiny_c
     pixel_values = torch.rand(2, 3, 32, 32) * 2 - 1
     hatching = 0.5 * torch.tensor([[1.0, -1.0], [-1.0, 1.0]]).repeat(16, 16)
     by_pool = {
-        pool: EngravingModel(EngravingConfig(**{**tiny_config.to_dict(), "reconstruction_pool_size": pool}))
+        pool: EngravingModel(with_fields(tiny_config, reconstruction_pool_size=pool))
         .reconstruction_loss(pixel_values + hatching, pixel_values)
         .item()
         for pool in (1, 2)
@@ -241,7 +246,7 @@ def test_word_constraint_follows_words_across_token_boundaries(tiny_tokenizer):
 def test_sampled_captions_use_only_the_configured_words(tiny_config, tiny_tokenizer):
     """Untrained, the decoder samples token soup: free, it spells unknown words; constrained, it cannot."""
     torch.manual_seed(0)
-    model = EngravingModel(EngravingConfig.from_dict({**tiny_config.to_dict(), "caption_words": None})).eval()
+    model = EngravingModel(with_fields(tiny_config, caption_words=None)).eval()
     model.tokenizer = tiny_tokenizer
     known = set(caption_words(tiny_training_captions()))
     free = model.generate(seeds=range(8), temperature=1.0, top_p=1.0).captions
