@@ -34,6 +34,8 @@ CAPTION_TOP_P = 0.95
 # in each direction) and darkness 1 prints solid ink.
 HATCHING_EDGE_SOFTNESS = 0.2
 HATCHING_MARGIN = 1.0
+# Hatching ink: from black (-1) up to this far towards white, for the brown-black of an old print.
+HATCHING_INK_GREYS = 0.3
 
 
 @dataclass
@@ -338,10 +340,12 @@ class EngravingImageDecoder(nn.Module):
             return painted
         paper_grey, yellowing, ink = self.to_paper_and_ink(latents)[:, :, None, None].unbind(1)
         paper = torch.tanh(paper_grey)[:, None] + torch.sigmoid(yellowing)[:, None] * self.paper_tint[:, None, None]
-        ink_density = torch.sigmoid(painted)
+        ink_density, ink = torch.sigmoid(painted), torch.tanh(ink)
         if self.hatching_directions:
-            ink_density = engrave(ink_density, self.hatching_period)
-        return torch.lerp(paper, torch.tanh(ink)[:, None], ink_density.to(paper.dtype))
+            # Engraved tones are the share of paper the lines cover, so the ink itself stays near black: a grey ink
+            # would let the decoder print a tone as a solid grey patch, the blur that hatching is here to remove.
+            ink_density, ink = engrave(ink_density, self.hatching_period), HATCHING_INK_GREYS * (ink + 1) / 2 - 1
+        return torch.lerp(paper, ink[:, None], ink_density.to(paper.dtype))
 
 
 class EngravingTextEncoder(nn.Module):
