@@ -86,8 +86,6 @@ class EngravingConfig(PretrainedConfig):
         decoder_channels=(64, 128, 256, 256, 256, 256),
         decoder_blocks_per_level=1,
         ink_on_paper=False,
-        hatching_directions=0,
-        hatching_period=3.0,
         norm_num_groups=8,
         text_hidden_size=512,
         text_num_heads=8,
@@ -149,16 +147,6 @@ class EngravingConfig(PretrainedConfig):
         the whole model learns) and the grey of its ink. Colour is then the paper's, along one direction: neither the
         adversarial loss nor the prior can tint an engraving green or magenta. `False` paints RGB.
         """
-        self.hatching_directions = hatching_directions
-        """
-        Engrave the ink (with `ink_on_paper`) as hatching in this many line directions, spread over 180 degrees: the
-        decoder paints a darkness per direction and pixel, and each darkness sets how wide the lines of a fixed screen
-        of that direction are cut there; the directions overprint, so dark tones are cross-hatched. This is the
-        line-width modulation of digital engraving (Ostromoukhov, 1999): every tone the decoder paints, however
-        blurred, is printed in crisp lines. 0 paints the ink density freely.
-        """
-        self.hatching_period = hatching_period
-        """Spacing of the hatching lines, in pixels of `image_size`."""
         self.norm_num_groups = norm_num_groups
         """Groups of the GroupNorm layers in the convolutional blocks."""
         self.text_hidden_size = text_hidden_size
@@ -231,8 +219,6 @@ class EngravingConfig(PretrainedConfig):
         """
         self.initializer_range = initializer_range
         """Standard deviation of the normal initialisation of linear and embedding weights."""
-        if hatching_directions and not ink_on_paper:
-            raise ValueError("hatching_directions engraves the ink of ink_on_paper: set ink_on_paper=True as well.")
         side = image_size // (patch_size * bottleneck_size)
         if image_size % (patch_size * bottleneck_size) or side < 1 or side & (side - 1):
             raise ValueError(

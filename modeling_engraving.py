@@ -29,13 +29,6 @@ logger = logging.get_logger(__name__)
 # (`config.caption_words`), it no longer misspells at this temperature, and gives fewer copies than a cooler 0.7.
 CAPTION_TEMPERATURE = 1.0
 CAPTION_TOP_P = 0.95
-# Hatching (`config.hatching_directions`), in pixels: a line's edge is anti-aliased over about a pixel, and the half
-# widths that darkness sets overshoot the screen by a margin, so darkness 0 cuts no line (under 1% ink at its centre,
-# in each direction) and darkness 1 prints solid ink.
-HATCHING_EDGE_SOFTNESS = 0.2
-HATCHING_MARGIN = 1.0
-# Hatching ink: from black (-1) up to this far towards white, for the brown-black of an old print.
-HATCHING_INK_GREYS = 0.3
 
 
 @dataclass
@@ -171,30 +164,6 @@ def diff_augment(pixel_values):
     return pixel_values * (~cut)[:, None].to(pixel_values.dtype)
 
 
-def hatching_screen(directions, period, height, width, device=None):
-    """
-    `(directions, height, width)` distance of each pixel from the centre of the nearest hatching line, in pixels, for
-    lines `period` pixels apart at angles spread over 180 degrees.
-    """
-    angles = torch.arange(directions, device=device, dtype=torch.float32) * (math.pi / directions)
-    rows = torch.arange(height, device=device, dtype=torch.float32)[:, None]
-    cols = torch.arange(width, device=device, dtype=torch.float32)[None, :]
-    distance = cols * angles.cos()[:, None, None] + rows * angles.sin()[:, None, None]
-    return period / 2 - (torch.remainder(distance, period) - period / 2).abs()
-
-
-def engrave(darkness, period):
-    """
-    Line-width modulation: `(batch, directions, H, W)` darkness in [0, 1] -> `(batch, 1, H, W)` ink in [0, 1]. Each
-    direction cuts lines whose width grows with its darkness, so a tone is printed as the share of the
-    paper its lines cover, and the directions overprint like an engraver's successive layers of hatching.
-    """
-    screen = hatching_screen(darkness.shape[1], period, darkness.shape[2], darkness.shape[3], darkness.device)
-    half_width = darkness.float() * (period / 2 + 2 * HATCHING_MARGIN) - HATCHING_MARGIN
-    lines = torch.sigmoid((half_width - screen) / HATCHING_EDGE_SOFTNESS)
-    return 1 - (1 - lines).prod(dim=1, keepdim=True)
-
-
 class EngravingResidualBlock(nn.Module):
     """Pre-activation residual block: GroupNorm -> SiLU -> 3x3 conv, twice, plus a (1x1-projected) shortcut."""
 
@@ -293,8 +262,7 @@ class EngravingImageDecoder(nn.Module):
     """
     CNN from `(batch, latent_size)` latents up to `(batch, channels, image_size, image_size)` pixels in about [-1, 1];
     its last convolution writes each pixel patch as channels, unfolded by a pixel shuffle. With `config.ink_on_paper`
-    it writes an ink density instead, laid between a grey ink and a tinted paper that it reads from the latent; with
-    `config.hatching_directions` as well, it writes a darkness per hatching direction, which `engrave` cuts as lines.
+    it writes an ink density instead, laid between a grey ink and a tinted paper that it reads from the latent.
     """
 
     def __init__(self, config):
@@ -315,8 +283,7 @@ class EngravingImageDecoder(nn.Module):
             for level in reversed(range(config.num_levels))
         )
         self.norm_out = group_norm(self.widths[0], config.norm_num_groups)
-        self.hatching_directions, self.hatching_period = config.hatching_directions, config.hatching_period
-        painted_channels = (config.hatching_directions or 1) if config.ink_on_paper else config.num_channels
+        painted_channels = 1 if config.ink_on_paper else config.num_channels
         self.conv_out = nn.Conv2d(self.widths[0], painted_channels * config.patch_size**2, 3, padding=1)
         self.shuffle = nn.PixelShuffle(config.patch_size)
         if config.ink_on_paper:
@@ -340,12 +307,7 @@ class EngravingImageDecoder(nn.Module):
             return painted
         paper_grey, yellowing, ink = self.to_paper_and_ink(latents)[:, :, None, None].unbind(1)
         paper = torch.tanh(paper_grey)[:, None] + torch.sigmoid(yellowing)[:, None] * self.paper_tint[:, None, None]
-        ink_density, ink = torch.sigmoid(painted), torch.tanh(ink)
-        if self.hatching_directions:
-            # Engraved tones are the share of paper the lines cover, so the ink itself stays near black: a grey ink
-            # would let the decoder print a tone as a solid grey patch, the blur that hatching is here to remove.
-            ink_density, ink = engrave(ink_density, self.hatching_period), HATCHING_INK_GREYS * (ink + 1) / 2 - 1
-        return torch.lerp(paper, ink[:, None], ink_density.to(paper.dtype))
+        return torch.lerp(paper, torch.tanh(ink)[:, None], torch.sigmoid(painted))
 
 
 class EngravingTextEncoder(nn.Module):

@@ -13,14 +13,7 @@ import torch
 
 from configuration_engraving import EngravingConfig
 from conftest import REPO_ROOT, shape_pairs, tiny_training_captions
-from modeling_engraving import (
-    WORD_PATTERN,
-    CaptionWordConstraint,
-    EngravingModel,
-    caption_words,
-    engrave,
-    images_to_pixel_values,
-)
+from modeling_engraving import WORD_PATTERN, CaptionWordConstraint, EngravingModel, caption_words, images_to_pixel_values
 
 
 def image_digests(images):
@@ -55,11 +48,6 @@ def test_image_size_must_be_whole_patches_down_to_the_bottleneck():
         EngravingConfig(image_size=96, patch_size=4, bottleneck_size=4)
 
 
-def test_hatching_needs_ink_on_paper():
-    with pytest.raises(ValueError, match="ink_on_paper=True"):
-        EngravingConfig(hatching_directions=4)
-
-
 @pytest.mark.parametrize("ink_on_paper", [False, True])
 def test_untrained_decoder_paints_each_pixel_patch_in_one_colour(tiny_config, ink_on_paper):
     model = EngravingModel(with_fields(tiny_config, ink_on_paper=ink_on_paper))
@@ -70,11 +58,10 @@ def test_untrained_decoder_paints_each_pixel_patch_in_one_colour(tiny_config, in
     assert patch > 1 and torch.equal(images, nearest_upsampled)
 
 
-@pytest.mark.parametrize("hatching_directions", [0, 4])
-def test_ink_on_paper_images_hold_one_paper_colour_a_grey_ink_and_the_shades_between(tiny_config, hatching_directions):
+def test_ink_on_paper_images_hold_one_paper_colour_a_grey_ink_and_the_shades_between(tiny_config):
     """Each pixel lies between its image's paper and a grey ink; papers differ from grey only along the one shared tint."""
     torch.manual_seed(0)
-    model = EngravingModel(with_fields(tiny_config, ink_on_paper=True, hatching_directions=hatching_directions))
+    model = EngravingModel(with_fields(tiny_config, ink_on_paper=True))
     decoder = model.image_decoder
     with torch.no_grad():
         decoder.conv_out.weight.normal_(std=1.0)  # random line work, not the smooth start
@@ -90,24 +77,6 @@ def test_ink_on_paper_images_hold_one_paper_colour_a_grey_ink_and_the_shades_bet
         assert torch.allclose(off_grey, share[:, None] * tint, atol=1e-5)
         assert share.min() >= -1e-5 and share.max() <= 1 + 1e-5 and share.max() > 0
         assert pixels.mean(dim=1).std() > 0.05  # the ink draws something
-
-
-def test_engraving_prints_each_darkness_as_lines_whose_width_grows_with_it():
-    darkness = torch.linspace(0, 1, 11)
-    one_direction = torch.zeros(11, 4, 12, 12)
-    one_direction[:, 0] = darkness[:, None, None]  # direction 0: lines along the columns, 3 pixels apart
-    ink = engrave(one_direction, period=3.0)[:, 0]
-    assert ink[0].max() < 0.03 and ink[-1].min() > 0.97  # darkness 0 cuts nothing; darkness 1 prints solid ink
-    coverage = ink.mean(dim=(1, 2))
-    assert (coverage.diff() > 0).all() and coverage[5] == pytest.approx(0.5, abs=0.05)
-    half_tone = ink[5]
-    assert torch.allclose(half_tone, half_tone[:1].expand(12, 12), atol=0.02)  # every row the same: vertical lines
-    assert torch.allclose(half_tone[:, :9], half_tone[:, 3:], atol=0.02)  # repeating every 3 pixels
-    assert half_tone.max() - half_tone.min() > 0.7  # dark lines beside light paper, not an even grey
-    # The directions overprint: two half darknesses cover more paper than either alone, as cross-hatching does.
-    crossed = one_direction[5:6].clone()
-    crossed[:, 2] = 0.5
-    assert engrave(crossed, period=3.0).mean() > half_tone.mean() + 0.2
 
 
 def test_sampled_images_are_decoded_from_the_gaussian_of_the_latents(tiny_config):
