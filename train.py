@@ -387,15 +387,27 @@ def average_gradients(accelerator, module):
         gradient.copy_(averaged)
 
 
-def adversarial_balance(loss_reconstruction, loss_adversarial, output_layer):
+def balanced_adversarial_gradient(loss_reconstruction, loss_adversarial, generated, output_layer):
     """
-    The factor that gives the adversarial loss's gradient at the decoder's output layer the norm of the
-    reconstruction loss's (as in VQGAN), so `adversarial_loss_weight` is a share of the reconstruction signal. A fixed
-    weight let the discriminator's unbounded hinge term take over: samples collapsed to one checkerboard artefact.
+    The adversarial loss's gradient at the `generated` images, scaled so that at the decoder's output layer it has the
+    norm of the reconstruction loss's gradient (as in VQGAN): `adversarial_loss_weight` is then a share of the
+    reconstruction signal. A fixed weight let the discriminator's unbounded hinge term take over: samples collapsed to
+    one checkerboard artefact.
+
+    The discriminator runs backward once, to the images: the balance reads that gradient at the output layer, and the
+    decoder's update backpropagates it from the images on (`surrogate_adversarial_loss`), with no second pass through
+    the discriminator and no gradients for its weights, which its own step would discard.
     """
+    image_gradient = torch.autograd.grad(loss_adversarial, generated, retain_graph=True)[0]
+    gradient_adversarial = torch.autograd.grad(generated, output_layer, grad_outputs=image_gradient, retain_graph=True)[0]
     gradient_reconstruction = torch.autograd.grad(loss_reconstruction, output_layer, retain_graph=True)[0]
-    gradient_adversarial = torch.autograd.grad(loss_adversarial, output_layer, retain_graph=True)[0]
-    return (gradient_reconstruction.norm() / (gradient_adversarial.norm() + 1e-4)).clamp(max=1e4).detach()
+    balance = (gradient_reconstruction.norm() / (gradient_adversarial.norm() + 1e-4)).clamp(max=1e4)
+    return (balance * image_gradient).detach()
+
+
+def surrogate_adversarial_loss(generated, image_gradient):
+    """A term whose gradient with respect to `generated` is `image_gradient`: the adversarial loss's, once computed."""
+    return (generated.float() * image_gradient.float()).sum()
 
 
 def forward_backward(
@@ -420,19 +432,18 @@ def forward_backward(
                     generated = torch.cat([generated, outputs.sampled_images])
                 loss_adversarial = discriminator.generator_loss(generated)
         if adversarial_weight > 0:
-            balance = adversarial_balance(
+            image_gradient = balanced_adversarial_gradient(
                 unwrapped.config.reconstruction_loss_weight * outputs.loss_reconstruction,
                 loss_adversarial,
+                generated,
                 unwrapped.image_decoder.conv_out.weight,
             )
-            loss = loss + adversarial_weight * balance * loss_adversarial
+            loss = loss + adversarial_weight * surrogate_adversarial_loss(generated, image_gradient)
         if not all_processes_finite(accelerator, loss):
             return None
         accelerator.backward(loss / gradient_accumulation_steps)
     losses = {name: outputs[name].detach().float() for name in LOSS_NAMES}
     if adversarial_weight > 0:
-        # The generator's backward left gradients in the discriminator: drop them before its own step.
-        discriminator.zero_grad(set_to_none=True)
         with accelerator.autocast():
             loss_discriminator = discriminator.discriminator_loss(pixel_values, generated.detach())
         accelerator.backward(loss_discriminator)

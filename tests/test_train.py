@@ -11,7 +11,13 @@ import torch
 
 from conftest import REPO_ROOT
 from modeling_engraving import EngravingModel
-from train import TRAINING_STATE_NAME, adversarial_balance, resolve_resume_path, parse_args
+from train import (
+    TRAINING_STATE_NAME,
+    balanced_adversarial_gradient,
+    parse_args,
+    resolve_resume_path,
+    surrogate_adversarial_loss,
+)
 
 
 # 24 training images at batch 8: 3 steps per epoch, an evaluation at the end of each.
@@ -175,15 +181,34 @@ def test_push_to_hub_offline_fails_with_one_sentence_after_the_local_model(tiny_
     assert EngravingModel.from_pretrained(output_dir / "best_model").tokenizer is not None
 
 
-def test_adversarial_balance_gives_the_adversarial_gradient_the_reconstruction_gradients_norm():
-    output_layer = torch.nn.Parameter(torch.randn(4, 3))
-    direction = torch.randn(4, 3)
-    loss_reconstruction = (output_layer * direction).sum()
-    loss_adversarial = 40 * (output_layer * torch.randn(4, 3)).sum()
-    balance = adversarial_balance(loss_reconstruction, loss_adversarial, output_layer)
-    gradient = torch.autograd.grad(balance * loss_adversarial, output_layer)[0]
-    assert not balance.requires_grad
-    assert gradient.norm().item() == pytest.approx(direction.norm().item(), rel=1e-3)
+def test_balanced_adversarial_gradient_has_the_reconstruction_gradients_norm_and_one_discriminator_pass():
+    torch.manual_seed(0)
+    output_layer = torch.nn.Parameter(torch.randn(6, 3))
+    decoder_input = torch.randn(5, 6)
+    discriminator = torch.nn.Sequential(torch.nn.Linear(3, 8), torch.nn.Tanh(), torch.nn.Linear(8, 1))
+    target = torch.randn(5, 3)
+
+    def losses():
+        generated = decoder_input @ output_layer
+        loss_reconstruction = (generated - target).abs().mean()
+        loss_adversarial = 40 * -discriminator(generated).mean()
+        return generated, loss_reconstruction, loss_adversarial
+
+    generated, loss_reconstruction, loss_adversarial = losses()
+    image_gradient = balanced_adversarial_gradient(loss_reconstruction, loss_adversarial, generated, output_layer)
+    assert not image_gradient.requires_grad
+    gradient_reconstruction = torch.autograd.grad(loss_reconstruction, output_layer, retain_graph=True)[0]
+    surrogate = surrogate_adversarial_loss(generated, image_gradient)
+    gradient_adversarial = torch.autograd.grad(surrogate, output_layer, retain_graph=True)[0]
+    assert gradient_adversarial.norm().item() == pytest.approx(gradient_reconstruction.norm().item(), rel=1e-4)
+
+    # The decoder's update equals backpropagating the balanced adversarial loss itself through the discriminator...
+    (loss_reconstruction + 0.5 * surrogate).backward()
+    assert all(parameter.grad is None for parameter in discriminator.parameters())  # ...which it never ran back through
+    _, loss_reconstruction, loss_adversarial = losses()
+    balance = gradient_reconstruction.norm() / torch.autograd.grad(loss_adversarial, output_layer, retain_graph=True)[0].norm()
+    expected = torch.autograd.grad(loss_reconstruction + 0.5 * balance * loss_adversarial, output_layer)[0]
+    assert torch.allclose(output_layer.grad, expected, atol=1e-5)
 
 
 def test_throughput_benchmark_times_the_compute_only_step_and_the_real_loop(tiny_dataset_dir, tmp_path):
