@@ -387,7 +387,7 @@ def average_gradients(accelerator, module):
         gradient.copy_(averaged)
 
 
-def balanced_adversarial_gradient(loss_reconstruction, loss_adversarial, generated, output_layer):
+def balanced_adversarial_gradient(loss_reconstruction, loss_adversarial, generated, output_layer, loss_scale=1.0):
     """
     The adversarial loss's gradient at the `generated` images, scaled so that at the decoder's output layer it has the
     norm of the reconstruction loss's gradient (as in VQGAN): `adversarial_loss_weight` is then a share of the
@@ -396,9 +396,12 @@ def balanced_adversarial_gradient(loss_reconstruction, loss_adversarial, generat
 
     The discriminator runs backward once, to the images: the balance reads that gradient at the output layer, and the
     decoder's update backpropagates it from the images on (`surrogate_adversarial_loss`), with no second pass through
-    the discriminator and no gradients for its weights, which its own step would discard.
+    the discriminator and no gradients for its weights, which its own step would discard. `loss_scale` is fp16's
+    gradient scale: the discriminator's fp16 backward runs on the scaled loss, as the step's own backward does, so
+    small gradients do not underflow.
     """
-    image_gradient = torch.autograd.grad(loss_adversarial, generated, retain_graph=True)[0]
+    scaled_gradient = torch.autograd.grad(loss_adversarial * loss_scale, generated, retain_graph=True)[0]
+    image_gradient = scaled_gradient.float() / loss_scale
     gradient_adversarial = torch.autograd.grad(generated, output_layer, grad_outputs=image_gradient, retain_graph=True)[0]
     gradient_reconstruction = torch.autograd.grad(loss_reconstruction, output_layer, retain_graph=True)[0]
     balance = (gradient_reconstruction.norm() / (gradient_adversarial.norm() + 1e-4)).clamp(max=1e4)
@@ -437,6 +440,7 @@ def forward_backward(
                 loss_adversarial,
                 generated,
                 unwrapped.image_decoder.conv_out.weight,
+                loss_scale=accelerator.scaler.get_scale() if accelerator.scaler is not None else 1.0,
             )
             loss = loss + adversarial_weight * surrogate_adversarial_loss(generated, image_gradient)
         if not all_processes_finite(accelerator, loss):
