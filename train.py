@@ -398,9 +398,10 @@ def balanced_adversarial_gradient(loss_reconstruction, loss_adversarial, generat
     decoder's update backpropagates it from the images on (`surrogate_adversarial_loss`), with no second pass through
     the discriminator and no gradients for its weights, which its own step would discard. `loss_scale` is fp16's
     gradient scale: the discriminator's fp16 backward runs on the scaled loss, as the step's own backward does, so
-    small gradients do not underflow.
+    small gradients do not underflow. The discriminator's part of the graph is freed here, before the step's backward
+    needs the memory; the decoder's is kept for it.
     """
-    scaled_gradient = torch.autograd.grad(loss_adversarial * loss_scale, generated, retain_graph=True)[0]
+    scaled_gradient = torch.autograd.grad(loss_adversarial * loss_scale, generated)[0]
     image_gradient = scaled_gradient.float() / loss_scale
     gradient_adversarial = torch.autograd.grad(generated, output_layer, grad_outputs=image_gradient, retain_graph=True)[0]
     gradient_reconstruction = torch.autograd.grad(loss_reconstruction, output_layer, retain_graph=True)[0]

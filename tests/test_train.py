@@ -195,12 +195,15 @@ def test_balanced_adversarial_gradient_has_the_reconstruction_gradients_norm_and
         return generated, loss_reconstruction, loss_adversarial
 
     generated, loss_reconstruction, loss_adversarial = losses()
-    image_gradient = balanced_adversarial_gradient(loss_reconstruction, loss_adversarial, generated, output_layer)
-    assert not image_gradient.requires_grad
     scaled_as_in_fp16 = balanced_adversarial_gradient(
         loss_reconstruction, loss_adversarial, generated, output_layer, loss_scale=1024.0
     )
+    generated, loss_reconstruction, loss_adversarial = losses()
+    image_gradient = balanced_adversarial_gradient(loss_reconstruction, loss_adversarial, generated, output_layer)
+    assert not image_gradient.requires_grad
     assert torch.allclose(scaled_as_in_fp16, image_gradient)
+    with pytest.raises(RuntimeError, match="backward through the graph a second time"):
+        loss_adversarial.backward()  # the discriminator's activations are already freed
     gradient_reconstruction = torch.autograd.grad(loss_reconstruction, output_layer, retain_graph=True)[0]
     surrogate = surrogate_adversarial_loss(generated, image_gradient)
     gradient_adversarial = torch.autograd.grad(surrogate, output_layer, retain_graph=True)[0]
