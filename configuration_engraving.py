@@ -100,7 +100,6 @@ class EngravingConfig(PretrainedConfig):
         eos_token_id=2,
         reconstruction_loss_weight=1.0,
         reconstruction_pool_size=1,
-        texture_loss_weight=0.0,
         kl_loss_weight=1e-3,
         caption_loss_weight=2.0,
         contrastive_loss_weight=0.5,
@@ -174,12 +173,6 @@ class EngravingConfig(PretrainedConfig):
         global latent cannot place a print's hatching line for line, so a pixel loss pays the decoder to average it to
         grey; pooled, it constrains the composition and tone, and leaves detail finer than the squares to the
         adversarial loss.
-        """
-        self.texture_loss_weight = texture_loss_weight
-        """
-        Weight of the L1 between the line-energy maps of images and reconstructions (`line_energy`: oriented Gabor
-        amplitudes on a 16 x 16 grid, at two octaves). Phase-free, it asks for hatching of the right direction and
-        density in each region, which the pixel loss averages to grey.
         """
         self.kl_loss_weight = kl_loss_weight
         """Weight of the KL divergence of the posterior from N(0, I), averaged per latent dimension."""

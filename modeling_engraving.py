@@ -43,8 +43,6 @@ class EngravingOutput(ModelOutput):
         loss_caption (`torch.FloatTensor` of shape `()`): next-token cross-entropy of the captions, given the latent.
         loss_contrastive (`torch.FloatTensor` of shape `()`): symmetric InfoNCE between image and text latents.
         loss_prior (`torch.FloatTensor` of shape `()`): flow-matching loss of the latent prior.
-        loss_texture (`torch.FloatTensor` of shape `()`): L1 between the images' and the reconstructions' maps of line
-            energy per orientation and scale (see `line_energy`).
         reconstructions (`torch.FloatTensor` of shape `(batch, channels, height, width)`): decoded images in [-1, 1].
         sampled_images (`torch.FloatTensor` of shape `(num_sampled_images, channels, height, width)`): images decoded
             from latents drawn from the Gaussian of the encoder's latents, for the adversarial loss.
@@ -60,7 +58,6 @@ class EngravingOutput(ModelOutput):
     loss_caption: torch.FloatTensor | None = None
     loss_contrastive: torch.FloatTensor | None = None
     loss_prior: torch.FloatTensor | None = None
-    loss_texture: torch.FloatTensor | None = None
     reconstructions: torch.FloatTensor | None = None
     sampled_images: torch.FloatTensor | None = None
     latents: torch.FloatTensor | None = None
@@ -165,47 +162,6 @@ def diff_augment(pixel_values):
     xs = torch.arange(width, device=device)[None, None, :]
     cut = ((ys - center_y).abs() < cut_y // 2 + 1) & ((xs - center_x).abs() < cut_x // 2 + 1)
     return pixel_values * (~cut)[:, None].to(pixel_values.dtype)
-
-
-def line_filters(period, num_orientations, device=None):
-    """
-    Quadrature pairs of Gabor filters, `(2 * num_orientations, 1, size, size)`: for each orientation, an even (cosine)
-    and an odd (sine) filter tuned to lines `period` pixels apart. Each is scaled so that a sinusoidal grating of
-    amplitude 1 at that period and orientation gives a response of amplitude 1.
-    """
-    sigma = period / 2
-    radius = math.ceil(2 * sigma)
-    coordinates = torch.arange(-radius, radius + 1, dtype=torch.float32, device=device)
-    y, x = torch.meshgrid(coordinates, coordinates, indexing="ij")
-    envelope = torch.exp(-(x**2 + y**2) / (2 * sigma**2))
-    filters = []
-    for angle in torch.arange(num_orientations, device=device) * math.pi / num_orientations:
-        phase = 2 * math.pi * (x * torch.cos(angle) + y * torch.sin(angle)) / period
-        even, odd = envelope * torch.cos(phase), envelope * torch.sin(phase)
-        even = even - envelope * even.sum() / envelope.sum()  # zero mean: flat paper of any tone gives no response
-        filters += [even, odd]
-    return torch.stack(filters)[:, None] / (envelope.sum() / 2)
-
-
-def line_energy(pixel_values, num_scales=2, num_orientations=4, period=4.0, grid_size=16):
-    """
-    How much line work an image holds, where, and in which direction: the amplitude of its oriented Gabor responses
-    (phase-free, so a line shifted by a pixel gives the same energy) averaged over a `grid_size` x `grid_size` grid,
-    at `num_scales` octaves. Returns `(batch, num_scales * num_orientations, grid_size, grid_size)`.
-
-    A pixel loss cannot ask one global latent for a print's hatching line by line, and pays the decoder to average it
-    to grey; this map asks for lines of the right direction and density in each region, wherever their phase.
-    """
-    grey = pixel_values.float().mean(dim=1, keepdim=True)
-    filters = line_filters(period, num_orientations, device=grey.device)
-    maps = []
-    for scale in range(num_scales):
-        if scale:
-            grey = F.avg_pool2d(grey, 2)
-        responses = F.conv2d(F.pad(grey, [filters.shape[-1] // 2] * 4, mode="reflect"), filters)
-        even, odd = responses.unflatten(1, (num_orientations, 2)).unbind(2)
-        maps.append(F.adaptive_avg_pool2d(torch.sqrt(even**2 + odd**2 + 1e-6), grid_size))
-    return torch.cat(maps, dim=1)
 
 
 class EngravingResidualBlock(nn.Module):
@@ -664,10 +620,6 @@ class EngravingModel(EngravingPreTrainedModel):
             reconstructions, pixel_values = F.avg_pool2d(reconstructions, pool_size), F.avg_pool2d(pixel_values, pool_size)
         return F.l1_loss(reconstructions, pixel_values) + F.mse_loss(reconstructions, pixel_values)
 
-    def texture_loss(self, reconstructions, pixel_values):
-        """L1 between the `line_energy` maps of reconstructions and images: line direction and density per region."""
-        return F.l1_loss(line_energy(reconstructions), line_energy(pixel_values))
-
     def prior_loss(self, latents, text_latents=None):
         """Flow-matching loss of the prior on detached `(batch, latent_size)` latents, text-conditioned on a random share."""
         target = self.standardize_latents(latents.detach())
@@ -713,13 +665,8 @@ class EngravingModel(EngravingPreTrainedModel):
             noise = torch.randn(num_sampled_images, self.config.latent_size, device=mean.device, dtype=mean.dtype)
             sampled_images = self.image_decoder(self.unstandardize_latents(noise).to(mean.dtype))
         loss_reconstruction = self.reconstruction_loss(reconstructions, pixel_values)
-        loss_texture = None  # only reported in evaluation when not trained on: it costs ~10% of a CPU step
-        if self.config.texture_loss_weight or not self.training:
-            loss_texture = self.texture_loss(reconstructions, pixel_values)
         loss_kl = 0.5 * (mean.float().pow(2) + logvar.float().exp() - 1.0 - logvar.float()).mean()
         loss = self.config.reconstruction_loss_weight * loss_reconstruction + self.config.kl_loss_weight * loss_kl
-        if self.config.texture_loss_weight:
-            loss = loss + self.config.texture_loss_weight * loss_texture
 
         loss_caption = loss_contrastive = caption_logits = text_latents = None
         if input_ids is not None:
@@ -745,7 +692,6 @@ class EngravingModel(EngravingPreTrainedModel):
             loss_caption=loss_caption,
             loss_contrastive=loss_contrastive,
             loss_prior=loss_prior,
-            loss_texture=loss_texture,
             reconstructions=reconstructions,
             sampled_images=sampled_images,
             latents=mean,

@@ -55,7 +55,7 @@ logger = get_logger(__name__, log_level="INFO")
 
 CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d+)$")
 TRAINING_STATE_NAME = "training_state.json"
-LOSS_NAMES = ["loss", "loss_reconstruction", "loss_texture", "loss_kl", "loss_caption", "loss_contrastive", "loss_prior"]
+LOSS_NAMES = ["loss", "loss_reconstruction", "loss_kl", "loss_caption", "loss_contrastive", "loss_prior"]
 
 
 def parse_args(argv=None):
@@ -447,7 +447,7 @@ def forward_backward(
         if not all_processes_finite(accelerator, loss):
             return None
         accelerator.backward(loss / gradient_accumulation_steps)
-    losses = {name: value.detach().float() for name in LOSS_NAMES if (value := getattr(outputs, name)) is not None}
+    losses = {name: outputs[name].detach().float() for name in LOSS_NAMES}
     if adversarial_weight > 0:
         with accelerator.autocast():
             loss_discriminator = discriminator.discriminator_loss(pixel_values, generated.detach())

@@ -13,14 +13,7 @@ import torch
 
 from configuration_engraving import EngravingConfig
 from conftest import REPO_ROOT, shape_pairs, tiny_training_captions
-from modeling_engraving import (
-    WORD_PATTERN,
-    CaptionWordConstraint,
-    EngravingModel,
-    caption_words,
-    images_to_pixel_values,
-    line_energy,
-)
+from modeling_engraving import WORD_PATTERN, CaptionWordConstraint, EngravingModel, caption_words, images_to_pixel_values
 
 
 def image_digests(images):
@@ -132,52 +125,6 @@ def test_pooled_reconstruction_loss_ignores_detail_finer_than_its_squares(tiny_c
     }
     assert by_pool[2] == pytest.approx(0.0, abs=1e-6)
     assert by_pool[1] == pytest.approx(0.5 + 0.25)
-
-
-def grating(period, angle, phase=0.0, size=64):
-    """A `(1, 3, size, size)` sinusoidal grating of amplitude 1: lines `period` pixels apart, across `angle` radians."""
-    y, x = torch.meshgrid(torch.arange(size, dtype=torch.float32), torch.arange(size, dtype=torch.float32), indexing="ij")
-    waves = torch.cos(2 * np.pi * (x * np.cos(angle) + y * np.sin(angle)) / period + phase)
-    return waves.expand(1, 3, size, size)
-
-
-@pytest.mark.parametrize("orientation", range(4))
-def test_line_energy_finds_the_direction_and_scale_of_lines_but_not_their_phase(orientation):
-    angle = orientation * np.pi / 4
-    energy = line_energy(grating(4.0, angle)).mean(dim=(0, 2, 3))
-    assert energy[orientation] == pytest.approx(1.0, abs=0.1)
-    others = [index for index in range(8) if index != orientation]
-    assert energy[others].max() < 0.15
-    coarse = line_energy(grating(8.0, angle)).mean(dim=(0, 2, 3))
-    # (The 2 x 2 average that makes the coarser octave damps it by 10-20%.)
-    assert coarse[4 + orientation] == pytest.approx(1.0, abs=0.2) and coarse[4 + orientation] > 2 * coarse[orientation]
-    # The same lines shifted by half a period (black where they were white) hold the same energy.
-    shifted = line_energy(grating(4.0, angle, phase=np.pi))
-    assert torch.allclose(shifted, line_energy(grating(4.0, angle)), atol=0.05)
-    # Flat paper, of any tone, holds none.
-    assert line_energy(torch.full((1, 3, 64, 64), 0.7)).max() < 0.01
-
-
-def test_texture_loss_is_weighted_into_training_and_always_reported_in_evaluation(tiny_config):
-    pixel_values = grating(4.0, 0.0, size=32).repeat(2, 1, 1, 1)
-    model = EngravingModel(with_fields(tiny_config, texture_loss_weight=2.0))
-    model.eval()
-    torch.manual_seed(0)
-    weighted = model(pixel_values)
-    unweighted_model = EngravingModel(with_fields(tiny_config, texture_loss_weight=0.0))
-    unweighted_model.load_state_dict(model.state_dict())
-    unweighted_model.eval()
-    torch.manual_seed(0)
-    unweighted = unweighted_model(pixel_values)
-    # Evaluation reports it either way; only its weight in the total differs.
-    assert weighted.loss_texture > 0 and torch.equal(weighted.loss_texture, unweighted.loss_texture)
-    assert torch.allclose(weighted.loss - unweighted.loss, 2.0 * weighted.loss_texture, rtol=1e-4)
-    model.train()
-    model(pixel_values).loss.backward()
-    assert model.image_decoder.conv_out.weight.grad.abs().sum() > 0
-    # Training with weight 0 skips it: it costs ~10% of a CPU step.
-    unweighted_model.train()
-    assert unweighted_model(pixel_values).loss_texture is None
 
 
 def test_same_seed_gives_same_engraving_and_caption(tiny_model):
