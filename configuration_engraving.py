@@ -82,6 +82,7 @@ class EngravingConfig(PretrainedConfig):
         latent_size=1024,
         patch_size=4,
         bottleneck_size=4,
+        spatial_latent=False,
         encoder_channels=(64, 128, 256, 256, 256, 256),
         decoder_channels=(64, 128, 256, 256, 256, 256),
         decoder_blocks_per_level=1,
@@ -134,6 +135,14 @@ class EngravingConfig(PretrainedConfig):
         """
         self.bottleneck_size = bottleneck_size
         """Side of the spatial grid at the bottom of the encoder and the top of the decoder."""
+        self.spatial_latent = spatial_latent
+        """
+        Lay the latent out as a `latent_channels x bottleneck_size x bottleneck_size` grid, reached from the encoder's
+        last feature map by a 1x1 convolution and read by the decoder's first 3x3 convolution, instead of one vector
+        behind dense layers. It is still one `latent_size` vector to the prior, the caption decoder and the text
+        encoder. Each latent cell then says what one region of the print holds, so the decoder learns local line
+        work from every region of every image rather than a whole picture from each latent.
+        """
         self.encoder_channels = list(encoder_channels)
         """Encoder width per resolution level, from full resolution down; the last is repeated if short."""
         self.decoder_channels = list(decoder_channels)
@@ -225,6 +234,10 @@ class EngravingConfig(PretrainedConfig):
                 f"image_size ({image_size}) must be patch_size ({patch_size}) x bottleneck_size ({bottleneck_size}) "
                 "times a power of two."
             )
+        if spatial_latent and latent_size % bottleneck_size**2:
+            raise ValueError(
+                f"A spatial latent needs latent_size ({latent_size}) to be a multiple of bottleneck_size ({bottleneck_size}) squared."
+            )
         super().__init__(
             pad_token_id=pad_token_id,
             bos_token_id=bos_token_id,
@@ -237,6 +250,11 @@ class EngravingConfig(PretrainedConfig):
     def num_levels(self):
         """Number of 2x up/downsampling stages between `image_size / patch_size` and `bottleneck_size`."""
         return max(0, (self.image_size // (self.patch_size * self.bottleneck_size)).bit_length() - 1)
+
+    @property
+    def latent_channels(self):
+        """Channels of the spatial latent grid (`spatial_latent`): `latent_size / bottleneck_size**2`."""
+        return self.latent_size // self.bottleneck_size**2
 
     @classmethod
     def from_preset(cls, name, **kwargs):

@@ -3,7 +3,8 @@ Evaluates a trained Engraving model on a held-out split and writes `report.json`
 
 - sample quality: FID and KID of seed samples against the real split's images in frozen ImageNet features, and the
   high-frequency energy of the samples relative to the real images (1 = as much fine line work);
-- reconstruction: PSNR and SSIM of the autoencoder on the split's images;
+- reconstruction: PSNR and SSIM of the autoencoder on the split's images, and the FID, KID and high-frequency energy of
+  its reconstructions: a bound on what seeds can reach through the decoder;
 - captions: well-formed share, distinct-1/2 and verbatim copies of the training captions, BLEU-4 of `caption(image)`;
 - image-caption correspondence: retrieval R@1/R@5 with the model's own alignment embeddings, and, for generated pairs,
   a model-free agreement: MiniLM similarity of each caption to the captions of its image's nearest training images;
@@ -321,9 +322,8 @@ def caption_neighbour_agreement(caption_embeddings, features, train_features, tr
     return {"caption_agreement": matched, "caption_agreement_shuffled": shuffled, "caption_agreement_gain": matched - shuffled}
 
 
-def evaluate_samples(images, captions, context, metrics, args):
-    """Every sample metric of one sampling row: distribution distances, detail, captions, agreement, memorisation."""
-    features = context["extractor"](images, description="sample features")
+def image_distribution_scores(features, images, context, metrics, args):
+    """FID, KID and the high-frequency share (also as a ratio to the real images') of a set of images."""
     kid = metrics["kid"].compute(
         predictions=features.numpy(),
         real_features=context["real_features"].numpy(),
@@ -332,6 +332,19 @@ def evaluate_samples(images, captions, context, metrics, args):
         seed=args.seed,
     )
     high_frequency = metrics["high_frequency_energy"].compute(predictions=images)["high_frequency_share"]
+    return {
+        "fid": metrics["fid"].compute(predictions=features.numpy(), real_features=context["real_features"].numpy())["fid"],
+        "kid": kid["kid"],
+        "kid_std": kid["kid_std"],
+        "kid_x1000": kid["kid_x1000"],
+        "high_frequency_share": high_frequency,
+        "high_frequency_ratio": high_frequency / max(context["real_high_frequency_share"], 1e-12),
+    }
+
+
+def evaluate_samples(images, captions, context, metrics, args):
+    """Every sample metric of one sampling row: distribution distances, detail, captions, agreement, memorisation."""
+    features = context["extractor"](images, description="sample features")
     caption_quality = metrics["caption_quality"].compute(predictions=captions, training_captions=context["train_captions"])
     agreement = caption_neighbour_agreement(
         context["embedder"](captions),
@@ -342,12 +355,7 @@ def evaluate_samples(images, captions, context, metrics, args):
         args.seed,
     )
     return {
-        "fid": metrics["fid"].compute(predictions=features.numpy(), real_features=context["real_features"].numpy())["fid"],
-        "kid": kid["kid"],
-        "kid_std": kid["kid_std"],
-        "kid_x1000": kid["kid_x1000"],
-        "high_frequency_share": high_frequency,
-        "high_frequency_ratio": high_frequency / max(context["real_high_frequency_share"], 1e-12),
+        **image_distribution_scores(features, images, context, metrics, args),
         **{f"caption_{key}": value for key, value in caption_quality.items()},
         **agreement,
         **memorisation(features, context["train_features"], context["near_copy_threshold"]),
@@ -480,6 +488,14 @@ def main(args):
         for name, _ in SAMPLING_ROWS
     }
 
+    # The reconstructions' distance from the real images bounds what seeds can reach through this decoder.
+    reconstruction = {
+        **metrics["reconstruction"].compute(predictions=outputs["reconstructions"], references=real_images),
+        **image_distribution_scores(
+            context["extractor"](outputs["reconstructions"], description="reconstruction features"),
+            outputs["reconstructions"], context, metrics, args,
+        ),
+    }
     report = {
         "model": str(args.model or args.model_outputs),
         "dataset": str(args.dataset_path),
@@ -493,7 +509,7 @@ def main(args):
         "feature_backend": extractor.backend,
         "device": args.device,
         "real_reference": real_reference,
-        "reconstruction": metrics["reconstruction"].compute(predictions=outputs["reconstructions"], references=real_images),
+        "reconstruction": reconstruction,
         "validation_captions": validation_captions,
         "retrieval": metrics["retrieval"].compute(
             predictions=outputs["image_latents"].numpy(), references=outputs["text_latents"].numpy()

@@ -247,14 +247,21 @@ class EngravingImageEncoder(nn.Module):
         )
         self.bottleneck = EngravingResidualBlock(widths[-1], widths[-1], config.norm_num_groups)
         self.norm_out = group_norm(widths[-1], config.norm_num_groups)
-        self.to_moments = nn.Linear(widths[-1] * config.bottleneck_size**2, 2 * config.latent_size)
+        self.spatial_latent = config.spatial_latent
+        if config.spatial_latent:
+            self.to_moments = nn.Conv2d(widths[-1], 2 * config.latent_channels, 1)
+        else:
+            self.to_moments = nn.Linear(widths[-1] * config.bottleneck_size**2, 2 * config.latent_size)
 
     def forward(self, pixel_values):
         hidden_states = self.stem(self.unshuffle(pixel_values))
         for level in self.levels:
             hidden_states = level(hidden_states)
         hidden_states = F.silu(self.norm_out(self.bottleneck(hidden_states)))
-        mean, logvar = self.to_moments(hidden_states.flatten(1)).chunk(2, dim=-1)
+        if self.spatial_latent:
+            mean, logvar = (moments.flatten(1) for moments in self.to_moments(hidden_states).chunk(2, dim=1))
+        else:
+            mean, logvar = self.to_moments(hidden_states.flatten(1)).chunk(2, dim=-1)
         return mean, logvar.clamp(-30.0, 20.0)
 
 
@@ -269,7 +276,11 @@ class EngravingImageDecoder(nn.Module):
         super().__init__()
         self.widths = level_widths(config.decoder_channels, config.num_levels)
         self.bottleneck_size = config.bottleneck_size
-        self.from_latent = nn.Linear(config.latent_size, self.widths[-1] * config.bottleneck_size**2)
+        self.latent_channels = config.latent_channels if config.spatial_latent else None
+        if config.spatial_latent:
+            self.from_latent = nn.Conv2d(config.latent_channels, self.widths[-1], 3, padding=1)
+        else:
+            self.from_latent = nn.Linear(config.latent_size, self.widths[-1] * config.bottleneck_size**2)
         self.bottleneck = EngravingResidualBlock(self.widths[-1], self.widths[-1], config.norm_num_groups)
         self.levels = nn.ModuleList(
             nn.Sequential(
@@ -296,9 +307,13 @@ class EngravingImageDecoder(nn.Module):
             self.to_paper_and_ink = self.paper_tint = None
 
     def forward(self, latents):
-        hidden_states = self.from_latent(latents).view(
-            -1, self.widths[-1], self.bottleneck_size, self.bottleneck_size
-        )
+        if self.latent_channels:
+            grid = latents.view(-1, self.latent_channels, self.bottleneck_size, self.bottleneck_size)
+            hidden_states = self.from_latent(grid)
+        else:
+            hidden_states = self.from_latent(latents).view(
+                -1, self.widths[-1], self.bottleneck_size, self.bottleneck_size
+            )
         hidden_states = self.bottleneck(hidden_states)
         for level in self.levels:
             hidden_states = level(hidden_states)

@@ -435,6 +435,8 @@ def forward_backward(
                 if num_sampled_images:
                     generated = torch.cat([generated, outputs.sampled_images])
                 loss_adversarial = discriminator.generator_loss(generated)
+        if not all_processes_finite(accelerator, loss + loss_adversarial if adversarial_weight > 0 else loss):
+            return None
         if adversarial_weight > 0:
             image_gradient = balanced_adversarial_gradient(
                 unwrapped.config.reconstruction_loss_weight * outputs.loss_reconstruction,
@@ -443,9 +445,12 @@ def forward_backward(
                 unwrapped.image_decoder.conv_out.weight,
                 loss_scale=accelerator.scaler.get_scale() if accelerator.scaler is not None else 1.0,
             )
+            # Under fp16, an overflow in the discriminator's scaled backward is the GradScaler's to handle: its
+            # gradients come out non-finite, so the scaler skips the step and lowers the scale. Without a scaler,
+            # nothing would: skip the step here.
+            if accelerator.scaler is None and not all_processes_finite(accelerator, image_gradient.sum()):
+                return None
             loss = loss + adversarial_weight * surrogate_adversarial_loss(generated, image_gradient)
-        if not all_processes_finite(accelerator, loss):
-            return None
         accelerator.backward(loss / gradient_accumulation_steps)
     losses = {name: outputs[name].detach().float() for name in LOSS_NAMES}
     if adversarial_weight > 0:

@@ -21,8 +21,13 @@
 #   RUNS="real256 256
 #   pooled256 256 --config_overrides reconstruction_pool_size=4" bash bench/gpu_recipe.sh data/engravings_384 gpu_out 4.5
 #
-# The default is the recipe at 256 px and at 512 px. SMOKE_PRESET, BENCH_PRESET, RUN_PRESET and BENCH_SIZE can be
-# overridden to rehearse the script on a CPU; SMOKE=0 and THROUGHPUT=0 skip steps 1 and 2.
+# The default is the recipe at 256 px and at 512 px. THROUGHPUT_VARIANTS holds further compute-only throughput
+# measurements of step 2, one per line as train_throughput.py flags (their figures go to log.txt), e.g.
+#
+#   THROUGHPUT_VARIANTS="--config_overrides spatial_latent=true bottleneck_size=16"
+#
+# SMOKE_PRESET, BENCH_PRESET, RUN_PRESET and BENCH_SIZE can be overridden to rehearse the script on a CPU; SMOKE=0 and
+# THROUGHPUT=0 skip steps 1 and 2.
 set -uo pipefail
 DATA=${1:?DATA folder}
 OUT=${2:?OUT folder}
@@ -65,17 +70,31 @@ evaluate_outputs() {  # model folder, output .npz, number of samples, JPEG quali
 }
 
 if [ "$SMOKE" = 1 ]; then
-  stamp "1. smoke run"
-  $PYTHON train.py "${TRAIN_FLAGS[@]}" --preset "$SMOKE_PRESET" --image_size 256 --output_dir "$WORK/smoke" \
-    --max_train_steps 30 --adversarial_start_step 10 --validation_epochs 1 --prior_fit_steps 20 --logging_steps 10 \
+  stamp "1. smoke run (bf16), and beside it the same under fp16, whose GradScaler the CPU never runs"
+  SMOKE_FLAGS=(--image_size 256 --max_train_steps 30 --adversarial_start_step 10 --validation_epochs 1
+    --prior_fit_steps 20 --logging_steps 10)
+  $PYTHON train.py "${TRAIN_FLAGS[@]}" "${SMOKE_FLAGS[@]}" --preset "$SMOKE_PRESET" --mixed_precision fp16 \
+    --output_dir "$WORK/smoke_fp16" > "$WORK/smoke_fp16.log" 2>&1 &
+  fp16_smoke=$!
+  $PYTHON train.py "${TRAIN_FLAGS[@]}" "${SMOKE_FLAGS[@]}" --preset "$SMOKE_PRESET" --output_dir "$WORK/smoke" \
     && evaluate_outputs "$WORK/smoke/model" "$WORK/smoke.npz" 8
   if [ $? -ne 0 ]; then stamp "smoke run failed: stopping"; exit 1; fi
+  wait $fp16_smoke && echo "fp16 smoke run finished" || echo "fp16 smoke run FAILED"
+  grep -E "step 30/|Skipped|Stopped|Error" "$WORK/smoke_fp16.log" | tail -n 4
 fi
 
 if [ "$THROUGHPUT" = 1 ]; then
   stamp "2. throughput"
   $PYTHON bench/train_throughput.py --preset "$BENCH_PRESET" --image_size "$BENCH_SIZE" --train_batch_size "$BATCH" \
     --mixed_precision bf16 --dataset_path "$DATA" --output_dir "$WORK/throughput" --output_json "$OUT/throughput.json"
+  while read -r variant; do
+    [ -z "$variant" ] && continue
+    echo "--- compute-only variant: $variant"
+    # $variant is split into words on purpose: it holds train_throughput.py flags.
+    # shellcheck disable=SC2086
+    $PYTHON bench/train_throughput.py --preset "$BENCH_PRESET" --image_size "$BENCH_SIZE" --train_batch_size "$BATCH" \
+      --mixed_precision bf16 --dataset_path "$DATA" --output_dir "$WORK/throughput_variant" --compute_only $variant
+  done <<< "${THROUGHPUT_VARIANTS:-}"
 fi
 
 stamp "3. training runs, side by side, $MINUTES minutes each:"

@@ -233,7 +233,7 @@ def test_report_of_a_tiny_model_has_every_metric_for_both_sampling_rows_and_all_
             assert math.isfinite(row[key]), key
         assert len(row["example_captions"]) == 5
     for section, keys in {
-        "reconstruction": ("psnr", "ssim"),
+        "reconstruction": ("psnr", "ssim", "fid", "kid_x1000", "high_frequency_ratio"),
         "validation_captions": ("bleu", "well_formed", "distinct_1", "distinct_2", "copied"),
         "retrieval": ("image_to_text_r1", "image_to_text_r5", "text_to_image_r1", "text_to_image_r5"),
         "real_reference": ("high_frequency_share", "near_copy_threshold", "nearest_train_distance_mean"),

@@ -178,9 +178,10 @@ def test_public_methods_speak_in_images_and_strings(tiny_model):
         EngravingModel(tiny_model.config).generate(seeds=[0])
 
 
-def test_tiny_model_overfits_eight_pairs_and_captions_them(tiny_config, tiny_tokenizer):
+@pytest.mark.parametrize("spatial_latent", [False, True])
+def test_tiny_model_overfits_eight_pairs_and_captions_them(tiny_config, tiny_tokenizer, spatial_latent):
     torch.manual_seed(0)
-    model = EngravingModel(tiny_config)
+    model = EngravingModel(with_fields(tiny_config, spatial_latent=spatial_latent))
     model.tokenizer = tiny_tokenizer
     images, captions = zip(*shape_pairs())
     pixel_values = images_to_pixel_values(images, tiny_config.image_size)
@@ -277,19 +278,14 @@ def test_prior_matches_a_toy_latent_distribution_far_better_than_plain_noise(tin
     assert error(sampled) < 0.2 * error(plain)
 
 
-def test_save_and_load_in_a_fresh_process_gives_identical_outputs(tiny_model, tiny_model_dir, tmp_path):
-    config = json.loads((tiny_model_dir / "config.json").read_text())
-    assert config["auto_map"]["AutoModel"] == "modeling_engraving.EngravingModel"
-    assert (tiny_model_dir / "model.safetensors").exists()
-    assert (tiny_model_dir / "modeling_engraving.py").exists() and (tiny_model_dir / "configuration_engraving.py").exists()
-
-    expected = tiny_model.generate(seeds=[0, 1])
+def load_in_a_fresh_process(model_dir, tmp_path):
+    """What a user gets from `AutoModel.from_pretrained(model_dir, trust_remote_code=True)` in a new interpreter."""
     script = textwrap.dedent(
         f"""
         import hashlib, json
         from transformers import AutoModel, AutoTokenizer
-        model = AutoModel.from_pretrained({str(tiny_model_dir)!r}, trust_remote_code=True).eval()
-        tokenizer = AutoTokenizer.from_pretrained({str(tiny_model_dir)!r}, trust_remote_code=True)
+        model = AutoModel.from_pretrained({str(model_dir)!r}, trust_remote_code=True).eval()
+        tokenizer = AutoTokenizer.from_pretrained({str(model_dir)!r}, trust_remote_code=True)
         outputs = model.generate(seeds=[0, 1], tokenizer=tokenizer)
         print(json.dumps({{
             "class": type(model).__name__,
@@ -306,12 +302,44 @@ def test_save_and_load_in_a_fresh_process_gives_identical_outputs(tiny_model, ti
         [sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300
     )
     assert result.returncode == 0, result.stderr
-    loaded = json.loads(result.stdout.strip().splitlines()[-1])
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def test_save_and_load_in_a_fresh_process_gives_identical_outputs(tiny_model, tiny_model_dir, tmp_path):
+    config = json.loads((tiny_model_dir / "config.json").read_text())
+    assert config["auto_map"]["AutoModel"] == "modeling_engraving.EngravingModel"
+    assert (tiny_model_dir / "model.safetensors").exists()
+    assert (tiny_model_dir / "modeling_engraving.py").exists() and (tiny_model_dir / "configuration_engraving.py").exists()
+
+    expected = tiny_model.generate(seeds=[0, 1])
+    loaded = load_in_a_fresh_process(tiny_model_dir, tmp_path)
     assert loaded["class"] == "EngravingModel"
     assert loaded["digests"] == image_digests(expected.images)
     assert loaded["captions"] == expected.captions
     assert loaded["ids"] == tiny_model.tokenizer("An engraving depicting a circle on the left")["input_ids"]
     assert loaded["latent_mean"] == tiny_model.latent_mean.tolist()
+
+
+def test_spatial_latent_is_one_vector_laid_out_as_a_grid_and_reloads_exactly(tiny_config, tiny_tokenizer, tmp_path):
+    config = with_fields(tiny_config, spatial_latent=True, bottleneck_size=4)
+    assert config.latent_channels * config.bottleneck_size**2 == config.latent_size
+    torch.manual_seed(0)
+    model = EngravingModel(config).eval()
+    model.tokenizer = tiny_tokenizer
+    assert isinstance(model.image_encoder.to_moments, torch.nn.Conv2d)
+    assert isinstance(model.image_decoder.from_latent, torch.nn.Conv2d)
+    pixel_values = images_to_pixel_values([image for image, _ in shape_pairs()], config.image_size)
+    latents = model.encode_images(pixel_values)
+    assert latents.shape == (len(pixel_values), config.latent_size)
+    assert model.decode_latents(latents).shape == pixel_values.shape
+
+    model.save_pretrained(tmp_path / "model")
+    expected = model.generate(seeds=[0, 1])
+    loaded = load_in_a_fresh_process(tmp_path / "model", tmp_path)
+    assert loaded["digests"] == image_digests(expected.images)
+    assert loaded["captions"] == expected.captions
+    with pytest.raises(ValueError, match="multiple of bottleneck_size"):
+        with_fields(tiny_config, spatial_latent=True, bottleneck_size=8, latent_size=100)
 
 
 def test_loaded_model_carries_its_tokenizer(tiny_model_dir):
