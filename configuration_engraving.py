@@ -108,6 +108,8 @@ class EngravingConfig(PretrainedConfig):
         prior_hidden_size=1024,
         prior_num_layers=3,
         prior_num_steps=32,
+        prior_architecture="mlp",
+        prior_conv_channels=256,
         prior_condition_dropout=0.2,
         latent_statistics_momentum=0.01,
         adversarial_loss_weight=0.1,
@@ -197,6 +199,13 @@ class EngravingConfig(PretrainedConfig):
         """Residual blocks of the prior's MLP."""
         self.prior_num_steps = prior_num_steps
         """Euler steps that integrate the prior's flow from noise to a latent."""
+        self.prior_architecture = prior_architecture
+        """
+        The prior's trunk: `"mlp"`, residual MLP blocks over the latent vector, or `"conv"` (needs `spatial_latent`),
+        residual 3x3 convolutions over the latent grid, so that neighbouring cells are drawn together.
+        """
+        self.prior_conv_channels = prior_conv_channels
+        """Width of the convolutional prior's blocks (`prior_architecture="conv"`)."""
         self.prior_condition_dropout = prior_condition_dropout
         """Share of training examples whose text condition is dropped, so the prior also samples unconditionally."""
         self.latent_statistics_momentum = latent_statistics_momentum
@@ -233,6 +242,10 @@ class EngravingConfig(PretrainedConfig):
             raise ValueError(
                 f"image_size ({image_size}) must be patch_size ({patch_size}) x bottleneck_size ({bottleneck_size}) "
                 "times a power of two."
+            )
+        if prior_architecture not in ("mlp", "conv") or (prior_architecture == "conv" and not spatial_latent):
+            raise ValueError(
+                f"prior_architecture must be 'mlp', or 'conv' with spatial_latent=True; got {prior_architecture!r}."
             )
         if spatial_latent and latent_size % bottleneck_size**2:
             raise ValueError(

@@ -398,24 +398,57 @@ class EngravingPriorBlock(nn.Module):
         return hidden_states + self.mlp(self.norm(hidden_states) * (1 + scale) + shift)
 
 
+class EngravingConvPriorBlock(nn.Module):
+    """
+    Residual convolutional block over the latent grid whose GroupNorm is scaled and shifted per channel by the
+    time-and-condition embedding (adaLN, as in `EngravingPriorBlock`).
+    """
+
+    def __init__(self, channels, embedding_size, num_groups):
+        super().__init__()
+        self.norm = nn.GroupNorm(num_groups, channels, affine=False)
+        self.modulation = nn.Linear(embedding_size, 2 * channels)
+        self.conv1 = nn.Conv2d(channels, channels, 3, padding=1)
+        self.conv2 = nn.Conv2d(channels, channels, 3, padding=1)
+
+    def forward(self, hidden_states, embedding):
+        scale, shift = self.modulation(F.silu(embedding))[:, :, None, None].chunk(2, dim=1)
+        modulated = self.norm(hidden_states) * (1 + scale) + shift
+        return hidden_states + self.conv2(F.silu(self.conv1(F.silu(modulated))))
+
+
 class EngravingLatentPrior(nn.Module):
     """
     Rectified-flow prior over standardised latents. It learns the velocity that carries N(0, I) noise at t=0 to
     the distribution of the encoder's latents at t=1, optionally conditioned on a text latent; sampling
     integrates that velocity with `prior_num_steps` Euler steps, so a fixed noise gives a fixed latent.
+
+    Its trunk is a residual MLP over the latent vector, or, with `prior_architecture="conv"` and a spatial latent,
+    residual convolutions over the latent grid, so that neighbouring cells are drawn together.
     """
 
     def __init__(self, config):
         super().__init__()
         hidden = config.prior_hidden_size
         self.num_steps = config.prior_num_steps
-        self.input_projection = nn.Linear(config.latent_size, hidden)
         self.time_embedding = nn.Sequential(nn.Linear(hidden, hidden), nn.SiLU(), nn.Linear(hidden, hidden))
         self.condition_projection = nn.Linear(config.latent_size, hidden)
         self.null_condition = nn.Parameter(torch.zeros(hidden))
-        self.blocks = nn.ModuleList(EngravingPriorBlock(hidden) for _ in range(config.prior_num_layers))
-        self.norm_out = nn.LayerNorm(hidden)
-        self.output_projection = nn.Linear(hidden, config.latent_size)
+        if config.prior_architecture == "conv":
+            channels = config.prior_conv_channels
+            self.grid_shape = (config.latent_channels, config.bottleneck_size, config.bottleneck_size)
+            self.input_projection = nn.Conv2d(config.latent_channels, channels, 3, padding=1)
+            self.blocks = nn.ModuleList(
+                EngravingConvPriorBlock(channels, hidden, config.norm_num_groups) for _ in range(config.prior_num_layers)
+            )
+            self.norm_out = nn.GroupNorm(config.norm_num_groups, channels)
+            self.output_projection = nn.Conv2d(channels, config.latent_channels, 3, padding=1)
+        else:
+            self.grid_shape = None
+            self.input_projection = nn.Linear(config.latent_size, hidden)
+            self.blocks = nn.ModuleList(EngravingPriorBlock(hidden) for _ in range(config.prior_num_layers))
+            self.norm_out = nn.LayerNorm(hidden)
+            self.output_projection = nn.Linear(hidden, config.latent_size)
 
     def timestep_features(self, timesteps):
         """Sinusoidal features of `(batch,)` times in [0, 1], of width `prior_hidden_size`."""
@@ -435,10 +468,12 @@ class EngravingLatentPrior(nn.Module):
             embedding = embedding + null
         else:
             embedding = embedding + torch.where(condition_mask[:, None], self.condition_projection(conditions), null)
+        if self.grid_shape is not None:
+            noisy_latents = noisy_latents.view(-1, *self.grid_shape)
         hidden_states = self.input_projection(noisy_latents)
         for block in self.blocks:
             hidden_states = block(hidden_states, embedding)
-        return self.output_projection(self.norm_out(hidden_states))
+        return self.output_projection(self.norm_out(hidden_states)).flatten(1)
 
     def sample(self, noise, conditions=None, guidance_scale=1.0):
         """Integrates the flow from `noise` `(batch, latent_size)` to standardised latents, with classifier-free guidance."""
@@ -533,6 +568,9 @@ class EngravingPreTrainedModel(PreTrainedModel):
             # adaLN-zero: each block starts as the identity.
             init.zeros_(module.modulation.weight)
             init.zeros_(module.mlp[-1].weight)
+        elif isinstance(module, EngravingConvPriorBlock):
+            init.zeros_(module.modulation.weight)
+            init.zeros_(module.conv2.weight)
 
 
 class EngravingModel(EngravingPreTrainedModel):

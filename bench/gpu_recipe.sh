@@ -18,22 +18,26 @@
 #
 # RUNS holds one run per line: a name, an image size, then extra train.py flags, e.g. an ablation beside the recipe:
 #
-#   RUNS="real256 256
-#   pooled256 256 --config_overrides reconstruction_pool_size=4" bash bench/gpu_recipe.sh data/engravings_384 gpu_out 4.5
+#   RUNS="spatial256 256 --config_overrides spatial_latent=true bottleneck_size=16
+#   adversarial256 256 --adversarial_loss_weight 0.5 --config_overrides spatial_latent=true bottleneck_size=16" \
+#     bash bench/gpu_recipe.sh data/engravings_384 gpu_out 4.5
 #
-# The default is the recipe at 256 px and at 512 px. THROUGHPUT_VARIANTS holds further compute-only throughput
-# measurements of step 2, one per line as train_throughput.py flags (their figures go to log.txt), e.g.
+# The default is the recipe at 256 px and at 512 px: the base preset with its latent laid out as a 4 x 16 x 16 grid
+# (`spatial_latent`), which halved the reconstructions' KID on the H200 in session 9 (BENCHMARKS.md).
+#
+# THROUGHPUT_VARIANTS holds further compute-only throughput measurements of step 2, one per line as
+# train_throughput.py flags (their figures go to log.txt), e.g.
 #
 #   THROUGHPUT_VARIANTS="--config_overrides spatial_latent=true bottleneck_size=16"
 #
-# SMOKE_PRESET, BENCH_PRESET, RUN_PRESET and BENCH_SIZE can be overridden to rehearse the script on a CPU; SMOKE=0 and
-# THROUGHPUT=0 skip steps 1 and 2.
+# SMOKE_PRESET, SMOKE_OVERRIDES (the smoke run's config), BENCH_PRESET, RUN_PRESET and BENCH_SIZE can be overridden
+# to rehearse the script on a CPU; SMOKE=0 and THROUGHPUT=0 skip steps 1 and 2.
 set -uo pipefail
 DATA=${1:?DATA folder}
 OUT=${2:?OUT folder}
 MINUTES=${3:-4}
-RUNS=${RUNS:-"real256 256
-real512 512"}
+RUNS=${RUNS:-"spatial256 256 --config_overrides spatial_latent=true bottleneck_size=16
+spatial512 512 --config_overrides spatial_latent=true bottleneck_size=16"}
 SMOKE_PRESET=${SMOKE_PRESET:-base}
 BENCH_PRESET=${BENCH_PRESET:-base}
 RUN_PRESET=${RUN_PRESET:-base}
@@ -41,6 +45,7 @@ BENCH_SIZE=${BENCH_SIZE:-512}
 BATCH=${BATCH:-64}
 NUM_SAMPLES=${NUM_SAMPLES:-200}
 SMOKE=${SMOKE:-1}
+SMOKE_OVERRIDES=${SMOKE_OVERRIDES:-"spatial_latent=true bottleneck_size=16"}
 THROUGHPUT=${THROUGHPUT:-1}
 PYTHON=${PYTHON:-python3}
 # tqdm reads TQDM_* overrides: one progress line a minute keeps the logs readable.
@@ -57,11 +62,12 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>/dev/null
 $PYTHON -c "import torch, transformers, accelerate, tokenizers; print('torch', torch.__version__, 'transformers', transformers.__version__, 'accelerate', accelerate.__version__, 'tokenizers', tokenizers.__version__, 'cuda', torch.cuda.is_available() and torch.cuda.get_device_name())"
 
 # Flags shared by every training run: bf16, EMA, flips (real titles rarely say left or right), a constant rate after
-# warmup (the run ends on a time budget, not a step count), the adversarial loss at half the reconstruction
-# gradient's norm once the autoencoder has a layout. A run's own flags in RUNS come after these and override them.
+# warmup (the run ends on a time budget, not a step count), and no adversarial loss: with the spatial latent it made
+# both reconstructions and seed samples worse in session 9. A run's own flags in RUNS come after these and override
+# them; `--adversarial_loss_weight 0.5` there turns it on from step 1,000.
 TRAIN_FLAGS=(--dataset_path "$DATA" --cache_dir "$CACHE" --train_batch_size "$BATCH" --mixed_precision bf16
   --use_ema --random_flip --learning_rate 5e-4 --lr_scheduler constant_with_warmup --lr_warmup_steps 200
-  --adversarial_loss_weight 0.5 --adversarial_start_step 1000
+  --adversarial_loss_weight 0 --adversarial_start_step 1000
   --report_to none --checkpointing_steps 1000000 --logging_steps 100 --num_validation_samples 16)
 
 evaluate_outputs() {  # model folder, output .npz, number of samples, JPEG quality
@@ -71,7 +77,8 @@ evaluate_outputs() {  # model folder, output .npz, number of samples, JPEG quali
 
 if [ "$SMOKE" = 1 ]; then
   stamp "1. smoke run (bf16), and beside it the same under fp16, whose GradScaler the CPU never runs"
-  SMOKE_FLAGS=(--image_size 256 --max_train_steps 30 --adversarial_start_step 10 --validation_epochs 1
+  SMOKE_FLAGS=(--image_size 256 --max_train_steps 30 --adversarial_loss_weight 0.5 --adversarial_start_step 10
+    --config_overrides $SMOKE_OVERRIDES --validation_epochs 1
     --prior_fit_steps 20 --logging_steps 10)
   $PYTHON train.py "${TRAIN_FLAGS[@]}" "${SMOKE_FLAGS[@]}" --preset "$SMOKE_PRESET" --mixed_precision fp16 \
     --output_dir "$WORK/smoke_fp16" > "$WORK/smoke_fp16.log" 2>&1 &

@@ -292,3 +292,28 @@ def test_model_and_model_outputs_are_exclusive(tmp_path):
         parse_args(["--dataset_path", str(tmp_path)])
     with pytest.raises(SystemExit):
         parse_args(["--model", "m", "--model_outputs", "o.npz", "--dataset_path", str(tmp_path)])
+
+
+def test_refit_prior_keeps_the_autoencoder_and_fits_a_new_prior(tiny_model_dir, tiny_dataset_dir, tmp_path):
+    sys.path.insert(0, str(REPO_ROOT / "bench"))
+    import refit_prior
+
+    refit_prior.main(
+        refit_prior.parse_args([
+            "--model", str(tiny_model_dir), "--dataset_path", str(tiny_dataset_dir / "dataset"),
+            "--output_dir", str(tmp_path / "refit"), "--num_steps", "5", "--config_overrides", "prior_num_layers=1",
+        ])
+    )
+    from modeling_engraving import EngravingModel
+
+    before = EngravingModel.from_pretrained(tiny_model_dir).state_dict()
+    after = EngravingModel.from_pretrained(tmp_path / "refit")
+    assert after.config.prior_num_layers == 1 and len(after.prior.blocks) == 1
+    assert after.tokenizer is not None
+    for name, tensor in after.state_dict().items():
+        if name.startswith("prior."):
+            continue
+        if name in ("latent_mean", "latent_std"):  # set from the training latents by the fit
+            assert not torch.equal(tensor, before[name])
+        else:
+            assert torch.equal(tensor, before[name]), name

@@ -258,9 +258,11 @@ def test_sampled_captions_use_only_the_configured_words(tiny_config, tiny_tokeni
     assert len(set(constrained)) > 1
 
 
-def test_prior_matches_a_toy_latent_distribution_far_better_than_plain_noise(tiny_config):
+@pytest.mark.parametrize("prior_architecture", ["mlp", "conv"])
+def test_prior_matches_a_toy_latent_distribution_far_better_than_plain_noise(tiny_config, prior_architecture):
     torch.manual_seed(0)
-    model = EngravingModel(tiny_config)
+    spatial = {"spatial_latent": True, "prior_conv_channels": 64} if prior_architecture == "conv" else {}
+    model = EngravingModel(with_fields(tiny_config, prior_architecture=prior_architecture, **spatial))
     size = tiny_config.latent_size
     mixing = torch.randn(size, size) / size**0.5
     toy_mean = torch.linspace(-2.0, 2.0, size)
@@ -320,8 +322,8 @@ def test_save_and_load_in_a_fresh_process_gives_identical_outputs(tiny_model, ti
     assert loaded["latent_mean"] == tiny_model.latent_mean.tolist()
 
 
-def test_spatial_latent_is_one_vector_laid_out_as_a_grid_and_reloads_exactly(tiny_config, tiny_tokenizer, tmp_path):
-    config = with_fields(tiny_config, spatial_latent=True, bottleneck_size=4)
+def test_spatial_latent_and_grid_prior_are_one_vector_laid_out_as_a_grid_and_reload_exactly(tiny_config, tiny_tokenizer, tmp_path):
+    config = with_fields(tiny_config, spatial_latent=True, bottleneck_size=4, prior_architecture="conv", prior_conv_channels=16)
     assert config.latent_channels * config.bottleneck_size**2 == config.latent_size
     torch.manual_seed(0)
     model = EngravingModel(config).eval()
@@ -340,6 +342,8 @@ def test_spatial_latent_is_one_vector_laid_out_as_a_grid_and_reloads_exactly(tin
     assert loaded["captions"] == expected.captions
     with pytest.raises(ValueError, match="multiple of bottleneck_size"):
         with_fields(tiny_config, spatial_latent=True, bottleneck_size=8, latent_size=100)
+    with pytest.raises(ValueError, match="prior_architecture"):
+        with_fields(tiny_config, prior_architecture="conv")  # a grid prior needs a grid
 
 
 def test_loaded_model_carries_its_tokenizer(tiny_model_dir):
