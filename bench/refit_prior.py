@@ -12,9 +12,14 @@ text encoder are copied unchanged; only the prior is built afresh from the confi
 import argparse
 import json
 import logging
+import sys
 import time
+from pathlib import Path
 
 import torch
+
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from configuration_engraving import EngravingConfig
 from evaluate_model import load_splits, model_view
