@@ -272,6 +272,14 @@ class PixelCache:
         return pixels.float() / 127.5 - 1.0
 
 
+def config_override_value(value):
+    """A `--config_overrides` value: JSON where it parses (numbers, lists, booleans), else the string itself."""
+    try:
+        return json.loads(value)
+    except json.JSONDecodeError:
+        return value
+
+
 def tokenize_captions(tokenizer, captions, max_length):
     """All captions padded to `max_length`: `(N, max_length)` input ids and attention mask."""
     batch = tokenizer(list(captions), padding="max_length", truncation=True, max_length=max_length, return_tensors="pt")
@@ -329,10 +337,7 @@ def build_config(args, tokenizer, captions):
         key, _, value = item.partition("=")
         if key not in fields:
             sys.exit(f"--config_overrides: {key!r} is not an EngravingConfig field; see configuration_engraving.py.")
-        try:
-            overrides[key] = json.loads(value)
-        except json.JSONDecodeError:
-            overrides[key] = value
+        overrides[key] = config_override_value(value)
     flags = {
         "image_size": args.image_size,
         "adversarial_start_step": args.adversarial_start_step,

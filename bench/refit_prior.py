@@ -4,13 +4,12 @@ model: one autoencoder, several priors, each then scored by evaluate_model.py. T
 text encoder are copied unchanged; only the prior is built afresh from the config (with `--config_overrides`) and fitted.
 
     python bench/refit_prior.py --model runs/real128/model --dataset_path data/engravings_128 \
-        --output_dir runs/real128_conv_prior --config_overrides prior_architecture='"conv"' prior_conv_channels=128
+        --output_dir runs/real128_conv_prior --config_overrides prior_architecture=conv prior_conv_channels=128
     python evaluate_model.py --model runs/real128_conv_prior --dataset_path data/engravings_128 --split validation \
         --num_samples 200 --output_dir runs/real128_conv_prior/eval
 """
 
 import argparse
-import json
 import logging
 import sys
 import time
@@ -24,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from configuration_engraving import EngravingConfig
 from evaluate_model import load_splits, model_view
 from modeling_engraving import EngravingModel, images_to_pixel_values
-from train import tokenize_captions
+from train import config_override_value, tokenize_captions
 
 
 logger = logging.getLogger(__name__)
@@ -35,7 +34,7 @@ def parse_args(argv=None):
     parser.add_argument("--model", required=True, help="A saved EngravingModel folder.")
     parser.add_argument("--dataset_path", required=True, help="Its prepared dataset: the prior is fitted to the train split.")
     parser.add_argument("--output_dir", required=True)
-    parser.add_argument("--config_overrides", nargs="*", default=[], metavar="KEY=VALUE", help="Prior fields of EngravingConfig (values are JSON).")
+    parser.add_argument("--config_overrides", nargs="*", default=[], metavar="KEY=VALUE", help="Prior fields of EngravingConfig (values are JSON, or else strings), e.g. prior_architecture=conv.")
     parser.add_argument("--num_steps", type=int, default=1000)
     parser.add_argument("--batch_size", type=int, default=256)
     parser.add_argument("--learning_rate", type=float, default=1e-3)
@@ -61,7 +60,8 @@ def training_latents(model, dataset_path, batch_size):
 def main(args):
     logging.basicConfig(format="%(asctime)s %(levelname)s %(message)s", level=logging.INFO)
     trained = EngravingModel.from_pretrained(args.model).eval()
-    fields = {**trained.config.to_dict(), **{key: json.loads(value) for key, value in (o.split("=", 1) for o in args.config_overrides)}}
+    overrides = dict(item.split("=", 1) for item in args.config_overrides)
+    fields = {**trained.config.to_dict(), **{key: config_override_value(value) for key, value in overrides.items()}}
     torch.manual_seed(args.seed)
     model = EngravingModel(EngravingConfig.from_dict(fields)).eval()
     kept = {name: tensor for name, tensor in trained.state_dict().items() if not name.startswith("prior.")}
