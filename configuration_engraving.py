@@ -269,6 +269,11 @@ class EngravingConfig(PretrainedConfig):
         """Channels of the spatial latent grid (`spatial_latent`): `latent_size / bottleneck_size**2`."""
         return self.latent_size // self.bottleneck_size**2
 
+    @property
+    def latent_grid_shape(self):
+        """`(latent_channels, bottleneck_size, bottleneck_size)` with `spatial_latent`, else None (one flat vector)."""
+        return (self.latent_channels, self.bottleneck_size, self.bottleneck_size) if self.spatial_latent else None
+
     @classmethod
     def from_preset(cls, name, **kwargs):
         """Builds the named preset (`"base"`, `"small"` or `"tiny"`); keyword arguments override its fields."""

@@ -114,9 +114,9 @@ def level_widths(channels, num_levels):
     return [channels[min(level, len(channels) - 1)] for level in range(num_levels + 1)]
 
 
-def group_norm(num_channels, num_groups):
+def group_norm(num_channels, num_groups, affine=True):
     """GroupNorm with the largest group count up to `num_groups` that divides `num_channels`."""
-    return nn.GroupNorm(math.gcd(num_groups, num_channels), num_channels)
+    return nn.GroupNorm(math.gcd(num_groups, num_channels), num_channels, affine=affine)
 
 
 def images_to_pixel_values(images, image_size):
@@ -247,8 +247,8 @@ class EngravingImageEncoder(nn.Module):
         )
         self.bottleneck = EngravingResidualBlock(widths[-1], widths[-1], config.norm_num_groups)
         self.norm_out = group_norm(widths[-1], config.norm_num_groups)
-        self.spatial_latent = config.spatial_latent
-        if config.spatial_latent:
+        self.latent_grid_shape = config.latent_grid_shape
+        if self.latent_grid_shape:
             self.to_moments = nn.Conv2d(widths[-1], 2 * config.latent_channels, 1)
         else:
             self.to_moments = nn.Linear(widths[-1] * config.bottleneck_size**2, 2 * config.latent_size)
@@ -258,7 +258,7 @@ class EngravingImageEncoder(nn.Module):
         for level in self.levels:
             hidden_states = level(hidden_states)
         hidden_states = F.silu(self.norm_out(self.bottleneck(hidden_states)))
-        if self.spatial_latent:
+        if self.latent_grid_shape:
             mean, logvar = (moments.flatten(1) for moments in self.to_moments(hidden_states).chunk(2, dim=1))
         else:
             mean, logvar = self.to_moments(hidden_states.flatten(1)).chunk(2, dim=-1)
@@ -276,8 +276,8 @@ class EngravingImageDecoder(nn.Module):
         super().__init__()
         self.widths = level_widths(config.decoder_channels, config.num_levels)
         self.bottleneck_size = config.bottleneck_size
-        self.latent_channels = config.latent_channels if config.spatial_latent else None
-        if config.spatial_latent:
+        self.latent_grid_shape = config.latent_grid_shape
+        if self.latent_grid_shape:
             self.from_latent = nn.Conv2d(config.latent_channels, self.widths[-1], 3, padding=1)
         else:
             self.from_latent = nn.Linear(config.latent_size, self.widths[-1] * config.bottleneck_size**2)
@@ -307,9 +307,8 @@ class EngravingImageDecoder(nn.Module):
             self.to_paper_and_ink = self.paper_tint = None
 
     def forward(self, latents):
-        if self.latent_channels:
-            grid = latents.view(-1, self.latent_channels, self.bottleneck_size, self.bottleneck_size)
-            hidden_states = self.from_latent(grid)
+        if self.latent_grid_shape:
+            hidden_states = self.from_latent(latents.view(-1, *self.latent_grid_shape))
         else:
             hidden_states = self.from_latent(latents).view(
                 -1, self.widths[-1], self.bottleneck_size, self.bottleneck_size
@@ -406,7 +405,7 @@ class EngravingConvPriorBlock(nn.Module):
 
     def __init__(self, channels, embedding_size, num_groups):
         super().__init__()
-        self.norm = nn.GroupNorm(num_groups, channels, affine=False)
+        self.norm = group_norm(channels, num_groups, affine=False)
         self.modulation = nn.Linear(embedding_size, 2 * channels)
         self.conv1 = nn.Conv2d(channels, channels, 3, padding=1)
         self.conv2 = nn.Conv2d(channels, channels, 3, padding=1)
@@ -434,17 +433,17 @@ class EngravingLatentPrior(nn.Module):
         self.time_embedding = nn.Sequential(nn.Linear(hidden, hidden), nn.SiLU(), nn.Linear(hidden, hidden))
         self.condition_projection = nn.Linear(config.latent_size, hidden)
         self.null_condition = nn.Parameter(torch.zeros(hidden))
-        if config.prior_architecture == "conv":
+        # The convolutional trunk works on the latent grid; the MLP on the flat vector.
+        self.latent_grid_shape = config.latent_grid_shape if config.prior_architecture == "conv" else None
+        if self.latent_grid_shape:
             channels = config.prior_conv_channels
-            self.grid_shape = (config.latent_channels, config.bottleneck_size, config.bottleneck_size)
             self.input_projection = nn.Conv2d(config.latent_channels, channels, 3, padding=1)
             self.blocks = nn.ModuleList(
                 EngravingConvPriorBlock(channels, hidden, config.norm_num_groups) for _ in range(config.prior_num_layers)
             )
-            self.norm_out = nn.GroupNorm(config.norm_num_groups, channels)
+            self.norm_out = group_norm(channels, config.norm_num_groups)
             self.output_projection = nn.Conv2d(channels, config.latent_channels, 3, padding=1)
         else:
-            self.grid_shape = None
             self.input_projection = nn.Linear(config.latent_size, hidden)
             self.blocks = nn.ModuleList(EngravingPriorBlock(hidden) for _ in range(config.prior_num_layers))
             self.norm_out = nn.LayerNorm(hidden)
@@ -468,8 +467,8 @@ class EngravingLatentPrior(nn.Module):
             embedding = embedding + null
         else:
             embedding = embedding + torch.where(condition_mask[:, None], self.condition_projection(conditions), null)
-        if self.grid_shape is not None:
-            noisy_latents = noisy_latents.view(-1, *self.grid_shape)
+        if self.latent_grid_shape:
+            noisy_latents = noisy_latents.view(-1, *self.latent_grid_shape)
         hidden_states = self.input_projection(noisy_latents)
         for block in self.blocks:
             hidden_states = block(hidden_states, embedding)
