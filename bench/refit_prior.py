@@ -11,6 +11,7 @@ text encoder are copied unchanged; only the prior is built afresh from the confi
 
 import argparse
 import logging
+import os
 import sys
 import time
 from pathlib import Path
@@ -21,9 +22,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from configuration_engraving import EngravingConfig
-from evaluate_model import load_splits, model_view
-from modeling_engraving import EngravingModel, images_to_pixel_values
-from train import config_override_value, tokenize_captions
+from modeling_engraving import EngravingModel
+from train import PixelCache, config_override_value, decode_to_cache, fit_latent_prior, load_dataset_dict, tokenize_captions
 
 
 logger = logging.getLogger(__name__)
@@ -35,26 +35,14 @@ def parse_args(argv=None):
     parser.add_argument("--dataset_path", required=True, help="Its prepared dataset: the prior is fitted to the train split.")
     parser.add_argument("--output_dir", required=True)
     parser.add_argument("--config_overrides", nargs="*", default=[], metavar="KEY=VALUE", help="Prior fields of EngravingConfig (values are JSON, or else strings), e.g. prior_architecture=conv.")
-    parser.add_argument("--num_steps", type=int, default=1000)
-    parser.add_argument("--batch_size", type=int, default=256)
-    parser.add_argument("--learning_rate", type=float, default=1e-3)
-    parser.add_argument("--encode_batch_size", type=int, default=64)
+    # The names and defaults of train.py's flags, which fit_latent_prior reads.
+    parser.add_argument("--prior_fit_steps", type=int, default=1000)
+    parser.add_argument("--prior_fit_batch_size", type=int, default=256)
+    parser.add_argument("--prior_fit_learning_rate", type=float, default=1e-3)
+    parser.add_argument("--eval_batch_size", type=int, default=64, help="Batch size of encoding the training set.")
+    parser.add_argument("--cache_dir", default=os.path.join("~", ".cache", "engraving"), help="train.py's decoded image cache.")
     parser.add_argument("--seed", type=int, default=0)
     return parser.parse_args(argv)
-
-
-@torch.no_grad()
-def training_latents(model, dataset_path, batch_size):
-    """Posterior means of the training images and text latents of their captions, in eval mode."""
-    _, train_split = load_splits(dataset_path, "validation", "train")
-    images, captions = model_view(train_split, model.config.image_size)
-    input_ids, attention_mask = tokenize_captions(model.tokenizer, captions, model.config.max_caption_length)
-    latents, text_latents = [], []
-    for start in range(0, len(images), batch_size):
-        end = start + batch_size
-        latents.append(model.encode_images(images_to_pixel_values(images[start:end], model.config.image_size)))
-        text_latents.append(model.encode_text(input_ids[start:end], attention_mask[start:end]))
-    return torch.cat(latents), torch.cat(text_latents)
 
 
 def main(args):
@@ -69,13 +57,16 @@ def main(args):
     assert all(name.startswith("prior.") for name in missing) and not unexpected, (missing, unexpected)
     model.tokenizer = trained.tokenizer
 
-    latents, text_latents = training_latents(model, args.dataset_path, args.encode_batch_size)
+    # The training split as train.py sees it: the same pixel cache and caption tokens, and the same fit.
+    train_split = load_dataset_dict(args.dataset_path)["train"]
+    cache = PixelCache(decode_to_cache(train_split, model.config.image_size, args.cache_dir), model.device)
+    input_ids, attention_mask = tokenize_captions(model.tokenizer, train_split["caption"], model.config.max_caption_length)
     started = time.perf_counter()
-    loss = model.fit_prior(latents, text_latents, args.num_steps, args.batch_size, args.learning_rate, args.seed)
+    loss = fit_latent_prior(model, cache, input_ids, attention_mask, args)
     model.eval()
     logger.info(
         f"Fitted a {model.config.prior_architecture} prior ({sum(p.numel() for p in model.prior.parameters()) / 1e6:.2f}M "
-        f"parameters) to {len(latents)} training latents in {time.perf_counter() - started:.0f} s: final loss {loss:.4f}."
+        f"parameters) to {len(cache)} training latents in {time.perf_counter() - started:.0f} s: final loss {loss:.4f}."
     )
     model.save_pretrained(args.output_dir)
 

@@ -301,7 +301,7 @@ def test_refit_prior_keeps_the_autoencoder_and_fits_a_new_prior(tiny_model_dir, 
     refit_prior.main(
         refit_prior.parse_args([
             "--model", str(tiny_model_dir), "--dataset_path", str(tiny_dataset_dir / "dataset"),
-            "--output_dir", str(tmp_path / "refit"), "--num_steps", "5",
+            "--output_dir", str(tmp_path / "refit"), "--prior_fit_steps", "5", "--cache_dir", str(tmp_path / "cache"),
             "--config_overrides", "prior_num_layers=1", "prior_architecture=mlp",  # JSON, and a plain string
         ])
     )
