@@ -8,10 +8,13 @@ from transformers import PretrainedConfig
 ENGRAVING_PRESETS = {
     # The reference design: 512 px, one 1024-d latent, a 3-layer 8-head 512-d caption decoder. Its convolutions
     # run on 4x4 pixel patches, at 128 px and below: full-resolution activations would bound a GPU by memory traffic.
-    "base": {},
+    # Seeds start the prior's flow at temperature 0.8: on real prints it lowered the seed samples' KID by a tenth and kept
+    # each seed's composition; 0.5 fades some seeds to blank paper (BENCHMARKS.md, "Prior fit and temperature").
+    "base": {"prior_temperature": 0.8},
     # Trains on a CPU in minutes at 128 px.
     "small": {
         "image_size": 128,
+        "prior_temperature": 0.8,
         "latent_size": 256,
         "patch_size": 2,
         "encoder_channels": [32, 64, 128, 256, 256],
@@ -108,6 +111,7 @@ class EngravingConfig(PretrainedConfig):
         prior_hidden_size=1024,
         prior_num_layers=3,
         prior_num_steps=32,
+        prior_temperature=1.0,
         prior_architecture="mlp",
         prior_conv_channels=256,
         prior_condition_dropout=0.2,
@@ -199,6 +203,11 @@ class EngravingConfig(PretrainedConfig):
         """Residual blocks of the prior's MLP."""
         self.prior_num_steps = prior_num_steps
         """Euler steps that integrate the prior's flow from noise to a latent."""
+        self.prior_temperature = prior_temperature
+        """
+        Scale of the seed noise that the prior's flow starts from. Below 1, seeds keep to the denser part of the latent
+        distribution (the temperature of Glow, the truncation of BigGAN): samples less varied and closer to the prints.
+        """
         self.prior_architecture = prior_architecture
         """
         The prior's trunk: `"mlp"`, residual MLP blocks over the latent vector, or `"conv"` (needs `spatial_latent`),

@@ -1,9 +1,10 @@
 """
 Exports a trained Engraving model to ONNX, for runtimes without PyTorch (onnxruntime on a server, in a browser):
 
-- `prior_sample.onnx`: seed noise `(batch, latent_size)` -> latents. The prior's `prior_num_steps` Euler steps are
-  unrolled into one graph (the MLP's weights are stored once), followed by the un-standardisation, so a runtime
-  turns noise into a latent with one call and no loop of its own. It is the unconditional sampler of `generate`.
+- `prior_sample.onnx`: seed noise `(batch, latent_size)` -> latents. The scaling by `prior_temperature`, the prior's
+  `prior_num_steps` Euler steps (unrolled; the MLP's weights are stored once) and the un-standardisation are one
+  graph, so a runtime turns noise into a latent with one call and no loop of its own. It is the unconditional sampler
+  of `generate`.
 - `image_decoder.onnx`: latents `(batch, latent_size)` -> pixels `(batch, 3, image_size, image_size)` in [-1, 1].
 - `caption_decoder_step.onnx`: latents and the caption so far, `(batch, length)` token ids starting with `<bos>`,
   -> logits `(batch, vocab_size)` of the next token. A runtime calls it once per token (greedy or top-p), until
@@ -44,7 +45,7 @@ class PriorSampler(nn.Module):
         self.model = model
 
     def forward(self, noise):
-        return self.model.unstandardize_latents(self.model.prior.sample(noise))
+        return self.model.prior_latents(noise)
 
 
 class CaptionDecoderStep(nn.Module):

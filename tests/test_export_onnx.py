@@ -5,13 +5,23 @@ import pytest
 import torch
 
 import export_onnx
-from modeling_engraving import pixel_values_to_images
+from modeling_engraving import EngravingModel, pixel_values_to_images
 
 
 @pytest.fixture(scope="module")
-def onnx_dir(tiny_model_dir, tmp_path_factory):
+def exported_model(tiny_model_dir, tmp_path_factory):
+    """The tiny model with a prior temperature below 1, so the graphs must carry the noise's scaling too."""
+    model = EngravingModel.from_pretrained(tiny_model_dir).eval()
+    model.config.prior_temperature = 0.7
+    model_dir = tmp_path_factory.mktemp("exported_model")
+    model.save_pretrained(model_dir)
+    return model, model_dir
+
+
+@pytest.fixture(scope="module")
+def onnx_dir(exported_model, tmp_path_factory):
     output_dir = tmp_path_factory.mktemp("onnx")
-    export_onnx.main(["--model", str(tiny_model_dir), "--output_dir", str(output_dir)])
+    export_onnx.main(["--model", str(exported_model[1]), "--output_dir", str(output_dir)])
     return output_dir
 
 
@@ -21,37 +31,39 @@ def session(path):
     return onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
 
 
-def test_each_graph_matches_pytorch_at_a_new_batch_size_and_length(onnx_dir, tiny_model):
+def test_each_graph_matches_pytorch_at_a_new_batch_size_and_length(onnx_dir, exported_model):
+    model, _ = exported_model
     generator = torch.Generator().manual_seed(1)
-    noise = torch.randn(3, tiny_model.config.latent_size, generator=generator)
-    input_ids = torch.randint(3, tiny_model.config.vocab_size, (3, 6), generator=generator)
+    noise = torch.randn(3, model.config.latent_size, generator=generator)
+    input_ids = torch.randint(3, model.config.vocab_size, (3, 6), generator=generator)
     cases = {
         "prior_sample.onnx": {"noise": noise},
         "image_decoder.onnx": {"latents": noise},
         "caption_decoder_step.onnx": {"latents": noise, "input_ids": input_ids},
     }
-    modules = {name: module for name, (module, *_rest) in export_onnx.onnx_graphs(tiny_model).items()}
+    modules = {name: module for name, (module, *_rest) in export_onnx.onnx_graphs(model).items()}
     for name, inputs in cases.items():
         assert export_onnx.onnx_difference(onnx_dir / name, modules[name], inputs) < 1e-4, name
 
 
-def test_onnx_graphs_reproduce_a_seeds_engraving_and_greedy_caption(onnx_dir, tiny_model):
-    config = tiny_model.config
+def test_onnx_graphs_reproduce_a_seeds_engraving_and_greedy_caption(onnx_dir, exported_model):
+    model, _ = exported_model
+    config = model.config
     noise = torch.randn(config.latent_size, generator=torch.Generator().manual_seed(11))[None].numpy()
     (latents,) = session(onnx_dir / "prior_sample.onnx").run(None, {"noise": noise})
     (pixel_values,) = session(onnx_dir / "image_decoder.onnx").run(None, {"latents": latents})
     caption_step = session(onnx_dir / "caption_decoder_step.onnx")
     # The runtime keeps to config.caption_words as generate() does, with the same CaptionWordConstraint.
-    word_constraint = tiny_model.caption_word_constraint(tiny_model.tokenizer)
+    word_constraint = model.caption_word_constraint(model.tokenizer)
     input_ids, open_word = np.array([[config.bos_token_id]]), ""
     while input_ids.shape[1] < config.max_caption_length and input_ids[0, -1] != config.eos_token_id:
         (logits,) = caption_step.run(None, {"latents": latents, "input_ids": input_ids})
         logits = np.where(word_constraint.allowed_tokens(open_word).numpy(), logits, -np.inf)
         input_ids = np.concatenate([input_ids, logits.argmax(-1)[:, None]], axis=1)
         open_word = word_constraint.next_open_word(open_word, int(input_ids[0, -1]))
-    caption = word_constraint.drop_half_spelt_word(tiny_model.tokenizer.decode(input_ids[0], skip_special_tokens=True).strip())
+    caption = word_constraint.drop_half_spelt_word(model.tokenizer.decode(input_ids[0], skip_special_tokens=True).strip())
 
-    expected = tiny_model.generate(seeds=[11], temperature=0.0)
+    expected = model.generate(seeds=[11], temperature=0.0)
     image = pixel_values_to_images(torch.from_numpy(pixel_values))[0]
     assert np.abs(np.asarray(image, dtype=np.int16) - np.asarray(expected.images[0], dtype=np.int16)).max() <= 1
     assert caption == expected.captions[0]
