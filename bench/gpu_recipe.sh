@@ -112,7 +112,7 @@ while read -r name size flags; do
   # $flags is split into words on purpose: it holds train.py flags.
   # shellcheck disable=SC2086
   ( $PYTHON train.py "${TRAIN_FLAGS[@]}" --preset "$RUN_PRESET" --image_size "$size" --output_dir "$WORK/$name" \
-      --max_train_steps 1000000 --max_train_minutes "$MINUTES" --validation_epochs 100000 --prior_fit_steps 2000 \
+      --max_train_steps 1000000 --max_train_minutes "$MINUTES" --validation_epochs 100000 --prior_fit_steps 3000 \
       $flags > "$WORK/$name.log" 2>&1 \
     && evaluate_outputs "$WORK/$name/model" "$OUT/${name}_outputs.npz" "$NUM_SAMPLES" >> "$WORK/$name.log" 2>&1
     # A file over 16 MiB would not come back: fall back to a lower JPEG quality.
