@@ -8,13 +8,12 @@ from transformers import PretrainedConfig
 ENGRAVING_PRESETS = {
     # The reference design: 512 px, one 1024-d latent, a 3-layer 8-head 512-d caption decoder. Its convolutions
     # run on 4x4 pixel patches, at 128 px and below: full-resolution activations would bound a GPU by memory traffic.
-    # Seeds start the prior's flow at temperature 0.8: on real prints it lowered the seed samples' KID by a tenth and kept
+    # Seeds start the prior's flow at temperature 0.8: on real prints that lowered their KID by about a tenth and kept
     # each seed's composition; 0.5 fades some seeds to blank paper (BENCHMARKS.md, "Prior fit and temperature").
     "base": {"prior_temperature": 0.8},
     # Trains on a CPU in minutes at 128 px.
     "small": {
         "image_size": 128,
-        "prior_temperature": 0.8,
         "latent_size": 256,
         "patch_size": 2,
         "encoder_channels": [32, 64, 128, 256, 256],
@@ -25,6 +24,7 @@ ENGRAVING_PRESETS = {
         "text_encoder_num_layers": 1,
         "prior_hidden_size": 512,
         "prior_num_layers": 3,
+        "prior_temperature": 0.8,
         "discriminator_patch_size": 1,
         "discriminator_channels": [32, 64, 128, 256],
     },

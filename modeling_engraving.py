@@ -561,8 +561,9 @@ class EngravingPreTrainedModel(PreTrainedModel):
             if module.paper_tint is not None:
                 init.zeros_(module.paper_tint)
         elif isinstance(module, EngravingLatentPrior):
-            # As in DiT: Xavier-uniform linear layers, not the Transformers' N(0, 0.02), under which a 1,000-step fit
-            # converged more slowly (seed KID 487 against 508 on one autoencoder, BENCHMARKS.md "Prior fit").
+            # As in DiT: Xavier-uniform linear layers, not the Transformers' N(0, 0.02), under which a 1,000-step
+            # fit converged more slowly (seed KID 508 against 487 on one autoencoder; BENCHMARKS.md, "Prior fit and
+            # temperature").
             for layer in module.modules():
                 if isinstance(layer, nn.Linear):
                     init.xavier_uniform_(layer.weight)
