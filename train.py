@@ -272,12 +272,22 @@ class PixelCache:
         return pixels.float() / 127.5 - 1.0
 
 
-def config_override_value(value):
-    """A `--config_overrides` value: JSON where it parses (numbers, lists, booleans), else the string itself."""
-    try:
-        return json.loads(value)
-    except json.JSONDecodeError:
-        return value
+def parse_config_overrides(items):
+    """
+    `--config_overrides` `KEY=VALUE` items -> a dict of EngravingConfig fields. Values are JSON where they parse
+    (numbers, lists, booleans), else the string itself; a key that is not a field exits with a message.
+    """
+    fields = inspect.signature(EngravingConfig.__init__).parameters
+    overrides = {}
+    for item in items:
+        key, _, value = item.partition("=")
+        if key not in fields:
+            sys.exit(f"--config_overrides: {key!r} is not an EngravingConfig field; see configuration_engraving.py.")
+        try:
+            overrides[key] = json.loads(value)
+        except json.JSONDecodeError:
+            overrides[key] = value
+    return overrides
 
 
 def tokenize_captions(tokenizer, captions, max_length):
@@ -331,13 +341,7 @@ def load_or_train_tokenizer(args, captions):
 
 def build_config(args, tokenizer, captions):
     """The preset's EngravingConfig with the image size, vocabulary, caption words and flag overrides of this run."""
-    overrides = {}
-    fields = inspect.signature(EngravingConfig.__init__).parameters
-    for item in args.config_overrides:
-        key, _, value = item.partition("=")
-        if key not in fields:
-            sys.exit(f"--config_overrides: {key!r} is not an EngravingConfig field; see configuration_engraving.py.")
-        overrides[key] = config_override_value(value)
+    overrides = parse_config_overrides(args.config_overrides)
     flags = {
         "image_size": args.image_size,
         "adversarial_start_step": args.adversarial_start_step,

@@ -23,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from configuration_engraving import EngravingConfig
 from modeling_engraving import EngravingModel
-from train import PixelCache, config_override_value, decode_to_cache, fit_latent_prior, load_dataset_dict, tokenize_captions
+from train import PixelCache, decode_to_cache, fit_latent_prior, load_dataset_dict, parse_config_overrides, tokenize_captions
 
 
 logger = logging.getLogger(__name__)
@@ -48,8 +48,7 @@ def parse_args(argv=None):
 def main(args):
     logging.basicConfig(format="%(asctime)s %(levelname)s %(message)s", level=logging.INFO)
     trained = EngravingModel.from_pretrained(args.model).eval()
-    overrides = dict(item.split("=", 1) for item in args.config_overrides)
-    fields = {**trained.config.to_dict(), **{key: config_override_value(value) for key, value in overrides.items()}}
+    fields = {**trained.config.to_dict(), **parse_config_overrides(args.config_overrides)}
     torch.manual_seed(args.seed)
     model = EngravingModel(EngravingConfig.from_dict(fields)).eval()
     kept = {name: tensor for name, tensor in trained.state_dict().items() if not name.startswith("prior.")}
