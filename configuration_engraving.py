@@ -11,7 +11,8 @@ ENGRAVING_PRESETS = {
     # Seeds start the prior's flow at temperature 0.8: on real prints that lowered their KID by about a tenth and kept
     # each seed's composition; 0.5 fades some seeds to blank paper (BENCHMARKS.md, "Prior fit and temperature").
     "base": {"prior_temperature": 0.8},
-    # Trains on a CPU in minutes at 128 px.
+    # Trains on a CPU in minutes at 128 px. Its detail bank (65,536 patches of 8 px) took the CPU recipe's seed samples
+    # from KID x1000 413 to 143 (BENCHMARKS.md, "A detail bank").
     "small": {
         "image_size": 128,
         "latent_size": 256,
@@ -25,10 +26,13 @@ ENGRAVING_PRESETS = {
         "prior_hidden_size": 512,
         "prior_num_layers": 3,
         "prior_temperature": 0.8,
+        "detail_bank_size": 65536,
+        "detail_patch_size": 8,
         "discriminator_patch_size": 1,
         "discriminator_channels": [32, 64, 128, 256],
     },
-    # `make demo`: the procedural demo scenes at 64 px, trained on 2 CPU cores in a few minutes (no discriminator).
+    # `make demo`: the procedural demo scenes at 64 px, trained on 2 CPU cores in a few minutes (no discriminator, and
+    # no detail bank: not yet measured on the demo scenes).
     "demo": {
         "image_size": 64,
         "latent_size": 128,
@@ -42,6 +46,7 @@ ENGRAVING_PRESETS = {
         "prior_hidden_size": 256,
         "prior_num_layers": 3,
         "adversarial_loss_weight": 0.0,
+        "detail_bank_size": 0,
         "discriminator_channels": [16, 32, 64],
     },
     # For tests: one training step well under a second on one CPU core.
@@ -61,6 +66,8 @@ ENGRAVING_PRESETS = {
         "prior_hidden_size": 64,
         "prior_num_layers": 2,
         "prior_num_steps": 16,
+        "detail_bank_size": 256,
+        "detail_patch_size": 4,
         "discriminator_channels": [8, 16, 32],
     },
 }
@@ -90,6 +97,8 @@ class EngravingConfig(PretrainedConfig):
         decoder_channels=(64, 128, 256, 256, 256, 256),
         decoder_blocks_per_level=1,
         ink_on_paper=False,
+        detail_bank_size=16384,
+        detail_patch_size=32,
         norm_num_groups=8,
         text_hidden_size=512,
         text_num_heads=8,
@@ -161,6 +170,16 @@ class EngravingConfig(PretrainedConfig):
         pixel; each image's latent gives the grey of its paper, how far the paper has yellowed (along one tint that
         the whole model learns) and the grey of its ink. Colour is then the paper's, along one direction: neither the
         adversarial loss nor the prior can tint an engraving green or magenta. `False` paints RGB.
+        """
+        self.detail_bank_size = detail_bank_size
+        """
+        Patches of real training prints kept to put line work back into decoded images (`EngravingDetailBank`,
+        filled by `EngravingModel.fit_detail_bank`); 0 decodes the plain decoder's images.
+        """
+        self.detail_patch_size = detail_patch_size
+        """
+        Side, in pixels, of the squares that get their detail from one bank patch: about one line-spacing of hatching
+        across a few lines (8 at 128 px). Even, and a divisor of `image_size`.
         """
         self.norm_num_groups = norm_num_groups
         """Groups of the GroupNorm layers in the convolutional blocks."""
@@ -251,6 +270,10 @@ class EngravingConfig(PretrainedConfig):
             raise ValueError(
                 f"image_size ({image_size}) must be patch_size ({patch_size}) x bottleneck_size ({bottleneck_size}) "
                 "times a power of two."
+            )
+        if detail_bank_size and (detail_patch_size % 2 or image_size % detail_patch_size):
+            raise ValueError(
+                f"detail_patch_size ({detail_patch_size}) must be even and divide image_size ({image_size})."
             )
         if prior_architecture not in ("mlp", "conv") or (prior_architecture == "conv" and not spatial_latent):
             raise ValueError(

@@ -10,7 +10,8 @@ Evaluates a trained Engraving model on a held-out split and writes `report.json`
   a model-free agreement: MiniLM similarity of each caption to the captions of its image's nearest training images;
 - memorisation: each sample's distance to its nearest training image, and the share of near-copies;
 
-each sample metric for prior sampling and again for the `--no_prior` baseline (N(0, I) noise decoded directly).
+each sample metric for prior sampling and again for the `--no_prior` baseline (N(0, I) noise decoded directly), and,
+for a model with a detail bank, for prior sampling and reconstructions without the bank's line work (`_no_detail`).
 
     python evaluate_model.py --model ./engraving-small --dataset_path ./prepared/dataset --num_samples 200 --output_dir ./eval
 
@@ -197,20 +198,35 @@ def model_view(dataset, image_size):
 
 @torch.no_grad()
 def encode_real_split(model, images, captions, batch_size):
-    """Reconstructions (PIL), greedy captions, image latents (posterior means) and text latents of real pairs."""
-    reconstructions, predicted_captions, image_latents, text_latents = [], [], [], []
+    """
+    Reconstructions (PIL; also without the detail bank's line work, for a model with one), greedy captions, image
+    latents (posterior means) and text latents of real pairs.
+    """
+    reconstructions, plain_reconstructions, predicted_captions, image_latents, text_latents = [], [], [], [], []
     for start in tqdm(range(0, len(images), batch_size), desc="reconstructing and captioning", leave=False):
         chunk_images, chunk_captions = images[start : start + batch_size], captions[start : start + batch_size]
         pixel_values = images_to_pixel_values(chunk_images, model.config.image_size).to(model.device)
         latents = model.encode_images(pixel_values)
         reconstructions += pixel_values_to_images(model.decode_latents(latents))
+        if model.detail_bank is not None:
+            plain_reconstructions += pixel_values_to_images(model.decode_latents(latents, add_detail=False))
         predicted_captions += model.caption_latents(latents)
         image_latents.append(latents.float().cpu())
         text_latents.append(model.embed_captions(chunk_captions).float().cpu())
-    return reconstructions, predicted_captions, torch.cat(image_latents), torch.cat(text_latents)
+    outputs = {
+        "reconstructions": reconstructions,
+        "predicted_captions": predicted_captions,
+        "image_latents": torch.cat(image_latents),
+        "text_latents": torch.cat(text_latents),
+    }
+    if plain_reconstructions:
+        outputs["reconstructions_no_detail"] = plain_reconstructions
+    return outputs
 
 
-SAMPLING_ROWS = (("prior", True), ("no_prior", False))
+# Each row's name, whether seeds go through the prior, and whether the detail bank adds its line work. The row
+# without detail is only drawn for a model that has a bank.
+SAMPLING_ROWS = (("prior", True, True), ("prior_no_detail", True, False), ("no_prior", False, True))
 
 
 def model_outputs(model, real_images, real_captions, args):
@@ -218,26 +234,25 @@ def model_outputs(model, real_images, real_captions, args):
     All that evaluation asks of the model: reconstructions, greedy captions and alignment latents of the real images,
     and the seed samples of each sampling row with their captions.
     """
-    reconstructions, predicted_captions, image_latents, text_latents = encode_real_split(
-        model, real_images, real_captions, args.batch_size
-    )
-    outputs = {
-        "reconstructions": reconstructions,
-        "predicted_captions": predicted_captions,
-        "image_latents": image_latents,
-        "text_latents": text_latents,
-    }
+    outputs = encode_real_split(model, real_images, real_captions, args.batch_size)
     seeds = list(range(args.seed, args.seed + args.num_samples))
-    for name, use_prior in SAMPLING_ROWS:
+    for name, use_prior, add_detail in SAMPLING_ROWS:
+        if not add_detail and model.detail_bank is None:
+            continue
         logger.info(f"Sampling {args.num_samples} engravings ({name}).")
         samples = model.generate(
-            seeds=seeds, temperature=args.temperature, top_p=args.top_p, use_prior=use_prior, batch_size=args.batch_size
+            seeds=seeds,
+            temperature=args.temperature,
+            top_p=args.top_p,
+            use_prior=use_prior,
+            add_detail=add_detail,
+            batch_size=args.batch_size,
         )
         outputs[f"{name}_images"], outputs[f"{name}_captions"] = samples.images, samples.captions
     return outputs
 
 
-IMAGE_OUTPUTS = ("reconstructions",) + tuple(f"{name}_images" for name, _ in SAMPLING_ROWS)
+IMAGE_OUTPUTS = ("reconstructions", "reconstructions_no_detail") + tuple(f"{name}_images" for name, *_ in SAMPLING_ROWS)
 
 
 def save_model_outputs(outputs, path, image_size, jpeg_quality):
@@ -376,7 +391,8 @@ def render_markdown(report):
     setup += ("caption_words",)
     setup += ("feature_extractor", "feature_backend", "device", "elapsed_seconds")
     lines += [f"- **{key}**: {format_value(report[key])}" for key in setup]
-    for section in ("real_reference", "reconstruction", "validation_captions", "retrieval"):
+    sections = ("real_reference", "reconstruction", "reconstruction_no_detail", "validation_captions", "retrieval")
+    for section in (name for name in sections if name in report):
         lines += ["", f"## {section.replace('_', ' ').capitalize()}", "", "| metric | value |", "| --- | --- |"]
         lines += [f"| {key} | {format_value(value)} |" for key, value in report[section].items() if key != "example_captions"]
     rows = report["sampling"]
@@ -439,7 +455,8 @@ def main(args):
         if args.no_scoring:
             return None
     for key in IMAGE_OUTPUTS:
-        outputs[key] = resized(outputs[key], image_size)
+        if key in outputs:
+            outputs[key] = resized(outputs[key], image_size)
 
     # Scoring: the metric libraries and the feature extractors are needed from here on.
     import evaluate
@@ -485,16 +502,20 @@ def main(args):
     }
     sampling = {
         name: evaluate_samples(outputs[f"{name}_images"], outputs[f"{name}_captions"], context, metrics, args)
-        for name, _ in SAMPLING_ROWS
+        for name, *_ in SAMPLING_ROWS
+        if f"{name}_images" in outputs
     }
 
     # The reconstructions' distance from the real images bounds what seeds can reach through this decoder.
-    reconstruction = {
-        **metrics["reconstruction"].compute(predictions=outputs["reconstructions"], references=real_images),
-        **image_distribution_scores(
-            context["extractor"](outputs["reconstructions"], description="reconstruction features"),
-            outputs["reconstructions"], context, metrics, args,
-        ),
+    reconstructions = {
+        section: {
+            **metrics["reconstruction"].compute(predictions=outputs[key], references=real_images),
+            **image_distribution_scores(
+                context["extractor"](outputs[key], description=f"{key} features"), outputs[key], context, metrics, args
+            ),
+        }
+        for section, key in (("reconstruction", "reconstructions"), ("reconstruction_no_detail", "reconstructions_no_detail"))
+        if key in outputs
     }
     report = {
         "model": str(args.model or args.model_outputs),
@@ -509,7 +530,7 @@ def main(args):
         "feature_backend": extractor.backend,
         "device": args.device,
         "real_reference": real_reference,
-        "reconstruction": reconstruction,
+        **reconstructions,
         "validation_captions": validation_captions,
         "retrieval": metrics["retrieval"].compute(
             predictions=outputs["image_latents"].numpy(), references=outputs["text_latents"].numpy()

@@ -5,7 +5,9 @@ Exports a trained Engraving model to ONNX, for runtimes without PyTorch (onnxrun
   `prior_num_steps` Euler steps (unrolled; the MLP's weights are stored once) and the un-standardisation are one
   graph, so a runtime turns noise into a latent with one call and no loop of its own. It is the unconditional sampler
   of `generate`.
-- `image_decoder.onnx`: latents `(batch, latent_size)` -> pixels `(batch, 3, image_size, image_size)` in [-1, 1].
+- `image_decoder.onnx`: latents `(batch, latent_size)` -> pixels `(batch, 3, image_size, image_size)` in [-1, 1], as
+  `decode_latents` draws them: the decoder, then the detail bank's nearest-patch line work (a Conv gathers each patch's
+  key, a MatMul and ArgMin find its nearest bank patch, a Gather fetches its detail).
 - `caption_decoder_step.onnx`: latents and the caption so far, `(batch, length)` token ids starting with `<bos>`,
   -> logits `(batch, vocab_size)` of the next token. A runtime calls it once per token (greedy or top-p), until
   `<eos>`; there is no KV cache, so each step reads the whole caption so far. Where `config.caption_words` is set,
@@ -48,6 +50,17 @@ class PriorSampler(nn.Module):
         return self.model.prior_latents(noise)
 
 
+class ImageDecoder(nn.Module):
+    """Latents `(batch, latent_size)` -> pixels `(batch, 3, image_size, image_size)`: `decode_latents`, detail included."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, latents):
+        return self.model.decode_latents(latents)
+
+
 class CaptionDecoderStep(nn.Module):
     """Latents `(batch, latent_size)` and token ids `(batch, length)` -> next-token logits `(batch, vocab_size)`."""
 
@@ -69,7 +82,7 @@ def onnx_graphs(model):
     return {
         "prior_sample.onnx": (PriorSampler(model), {"noise": latents}, {"noise": batch, "latents": batch}, ["latents"]),
         "image_decoder.onnx": (
-            model.image_decoder,
+            ImageDecoder(model),
             {"latents": latents},
             {"latents": batch, "pixel_values": batch},
             ["pixel_values"],

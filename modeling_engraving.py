@@ -324,6 +324,96 @@ class EngravingImageDecoder(nn.Module):
         return torch.lerp(paper, torch.tanh(ink)[:, None], torch.sigmoid(painted))
 
 
+class EngravingDetailBank(nn.Module):
+    """
+    Example-based detail (Freeman, Jones and Pasztor, 2002, "Example-based super-resolution"): a decoder trained with
+    pixel losses from one small latent puts the right tones in the right places but blurs the line work, because where
+    exactly each line falls is what the latent cannot say. The bank keeps `detail_bank_size` patches of training
+    prints as pairs: a key, from the decoder's own drawing of the print (the mean tones of a 4 x 4 grid of half-patch
+    cells: the patch and a half-patch margin around it), and a detail, from the real print (its grey values there
+    minus their smoothed tones). Decoding cuts an image into `detail_patch_size` squares and adds to each, on every
+    channel, the detail of the bank patch whose key is nearest its own: what real prints held where the decoder drew
+    the same.
+
+    Fitted to training images, not trained (`fit`). All zeros until then: it adds nothing.
+    """
+
+    def __init__(self, config):
+        super().__init__()
+        self.patch_size = config.detail_patch_size
+        self.register_buffer("keys", torch.zeros(config.detail_bank_size, 16))
+        self.register_buffer("details", torch.zeros(config.detail_bank_size, self.patch_size**2))
+
+    def cell_tones(self, grey):
+        """`(batch, 1, H, W)` grey pixels -> `(batch, 1, 2H / patch, 2W / patch)` mean tones of half-patch cells."""
+        return F.avg_pool2d(grey, self.patch_size // 2)
+
+    def patch_keys(self, grey):
+        """`(batch, 1, H, W)` grey pixels -> `(batch, patches, 16)`: each patch's 4 x 4 cell tones, margin included."""
+        tones = F.pad(self.cell_tones(grey), (1, 1, 1, 1), mode="replicate")
+        # Sixteen one-hot 4 x 4 filters at stride 2 gather each patch's cells: an unfold that ONNX exports as a Conv.
+        gather = torch.eye(16, device=grey.device, dtype=grey.dtype).view(16, 1, 4, 4)
+        return F.conv2d(tones, gather, stride=2).flatten(2).transpose(1, 2)
+
+    def patch_details(self, grey):
+        """`(batch, 1, H, W)` grey pixels -> `(batch, patches, patch**2)`: each patch less its smoothed cell tones."""
+        smooth = F.interpolate(self.cell_tones(grey), scale_factor=self.patch_size // 2, mode="bilinear", align_corners=False)
+        batch, _, height, width = grey.shape
+        size = self.patch_size
+        detail = (grey - smooth).view(batch, height // size, size, width // size, size).permute(0, 1, 3, 2, 4)
+        return detail.reshape(batch, -1, size * size)
+
+    def nearest_patches(self, keys):
+        """`(num_queries, 16)` keys -> `(num_queries,)` indices of the nearest bank keys (squared Euclidean)."""
+        bank_keys = self.keys.to(keys.dtype)
+        bank_norms = (bank_keys**2).sum(-1)
+        if torch.jit.is_tracing():  # An exported graph takes any batch in one step (a traced split keeps its sizes).
+            return (bank_norms - 2 * keys @ bank_keys.T).argmin(dim=-1)
+        # Eager decoding bounds the distance matrix at 2**24 entries (64 MB).
+        chunk_size = max(1, 2**24 // max(1, bank_keys.shape[0]))
+        return torch.cat([(bank_norms - 2 * chunk @ bank_keys.T).argmin(dim=-1) for chunk in keys.split(chunk_size)])
+
+    @torch.no_grad()
+    def fit(self, pairs, seed=0):
+        """
+        Fills the bank with patches drawn uniformly, without replacement, from all the patches of `pairs`: an iterable
+        of `(drawn, real)` pixel batches `(batch, channels, H, W)` in [-1, 1], keyed by the drawn images and detailed
+        by the real ones. Each patch gets a seeded random priority and the lowest are kept (bottom-k sampling), so any
+        number of batches streams through in bounded memory; with fewer patches than slots, they repeat. Returns the
+        number of patches seen.
+        """
+        generator = torch.Generator().manual_seed(seed)
+        keys = details = priorities = None
+        num_patches = 0
+        for drawn, real in pairs:
+            batch_keys = self.patch_keys(drawn.to(self.keys.device, torch.float32).mean(dim=1, keepdim=True))
+            batch_details = self.patch_details(real.to(self.keys.device, torch.float32).mean(dim=1, keepdim=True))
+            batch_keys, batch_details = batch_keys.flatten(0, 1), batch_details.flatten(0, 1)
+            batch_priorities = torch.rand(batch_keys.shape[0], generator=generator).to(self.keys.device)
+            num_patches += batch_keys.shape[0]
+            if keys is not None:
+                batch_keys, batch_details = torch.cat([keys, batch_keys]), torch.cat([details, batch_details])
+                batch_priorities = torch.cat([priorities, batch_priorities])
+            kept = batch_priorities.topk(min(len(self.keys), len(batch_priorities)), largest=False).indices
+            keys, details, priorities = batch_keys[kept], batch_details[kept], batch_priorities[kept]
+        if keys is None:
+            raise ValueError("A detail bank needs at least one batch of training images to fit.")
+        slots = torch.arange(len(self.keys), device=keys.device) % len(keys)
+        self.keys.copy_(keys[slots])
+        self.details.copy_(details[slots])
+        return num_patches
+
+    def forward(self, pixel_values):
+        """`(batch, channels, H, W)` pixels in about [-1, 1] -> the same with each patch's nearest real detail added."""
+        grey = pixel_values.mean(dim=1, keepdim=True)
+        keys = self.patch_keys(grey)
+        batch, _, height, width = grey.shape
+        size = self.patch_size
+        details = self.details.to(pixel_values.dtype)[self.nearest_patches(keys.flatten(0, 1))]
+        details = details.view(batch, height // size, width // size, size, size).permute(0, 1, 3, 2, 4)
+        return pixel_values + details.reshape(batch, 1, height, width)
+
+
 class EngravingTextEncoder(nn.Module):
     """Bidirectional Transformer from caption token embeddings to one `(batch, latent_size)` text latent (masked mean pool)."""
 
@@ -576,6 +666,10 @@ class EngravingPreTrainedModel(PreTrainedModel):
         elif isinstance(module, EngravingConvPriorBlock):
             init.zeros_(module.modulation.weight)
             init.zeros_(module.conv2.weight)
+        elif isinstance(module, EngravingDetailBank):
+            # An unfitted bank, or one a checkpoint from before the bank lacks, adds no detail.
+            init.zeros_(module.keys)
+            init.zeros_(module.details)
 
 
 class EngravingModel(EngravingPreTrainedModel):
@@ -598,6 +692,7 @@ class EngravingModel(EngravingPreTrainedModel):
         self.caption_decoder = EngravingCaptionDecoder(config)
         self.text_encoder = EngravingTextEncoder(config)
         self.prior = EngravingLatentPrior(config)
+        self.detail_bank = EngravingDetailBank(config) if config.detail_bank_size else None
         self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))
         # Running statistics that standardise latents for the prior; saved with the weights.
         self.register_buffer("latent_mean", torch.zeros(config.latent_size))
@@ -648,9 +743,15 @@ class EngravingModel(EngravingPreTrainedModel):
         noise = torch.randn(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
         return mean + torch.exp(0.5 * logvar) * noise
 
-    def decode_latents(self, latents):
-        """`(batch, latent_size)` latents -> `(batch, channels, image_size, image_size)` pixels in about [-1, 1]."""
-        return self.image_decoder(latents)
+    def decode_latents(self, latents, add_detail=True):
+        """
+        `(batch, latent_size)` latents -> `(batch, channels, image_size, image_size)` pixels in about [-1, 1], with the
+        detail bank's line work added unless `add_detail=False` (or the config has no bank).
+        """
+        pixel_values = self.image_decoder(latents)
+        if add_detail and self.detail_bank is not None:
+            pixel_values = self.detail_bank(pixel_values)
+        return pixel_values
 
     def encode_text(self, input_ids, attention_mask):
         """`(batch, length)` caption token ids -> `(batch, latent_size)` text latents in the image latent space."""
@@ -870,6 +971,7 @@ class EngravingModel(EngravingPreTrainedModel):
         temperature=CAPTION_TEMPERATURE,
         top_p=CAPTION_TOP_P,
         use_prior=True,
+        add_detail=True,
         tokenizer=None,
         batch_size=16,
     ):
@@ -884,6 +986,7 @@ class EngravingModel(EngravingPreTrainedModel):
             temperature (`float`): caption sampling temperature; 0 is greedy.
             top_p (`float`): nucleus of the caption sampling.
             use_prior (`bool`): carry the seed's noise through the learned prior; `False` decodes N(0, I) directly.
+            add_detail (`bool`): add the detail bank's line work to the decoded images (see `decode_latents`).
 
         Returns:
             [`EngravingGenerationOutput`] with `images` (PIL), `captions` (str), `seeds` and `latents`.
@@ -902,7 +1005,7 @@ class EngravingModel(EngravingPreTrainedModel):
             generators = seeded_generators(chunk)
             for generator in generators:
                 torch.randn(self.config.latent_size, generator=generator)
-            images += pixel_values_to_images(self.decode_latents(chunk_latents))
+            images += pixel_values_to_images(self.decode_latents(chunk_latents, add_detail))
             captions += self.caption_latents(chunk_latents, tokenizer, temperature, top_p, generators)
             latents.append(chunk_latents)
         return EngravingGenerationOutput(images=images, captions=captions, seeds=seeds, latents=torch.cat(latents))
@@ -917,7 +1020,7 @@ class EngravingModel(EngravingPreTrainedModel):
         return self.caption_latents(latents, tokenizer, temperature, top_p, generators)
 
     @torch.no_grad()
-    def imagine(self, captions, seed=0, guidance_scale=2.0, tokenizer=None):
+    def imagine(self, captions, seed=0, guidance_scale=2.0, add_detail=True, tokenizer=None):
         """
         Draws an engraving for each caption (a string or a list): the caption's text latent conditions the prior.
         Caption `i` uses seed `seed + i`. Returns [`EngravingGenerationOutput`].
@@ -926,11 +1029,11 @@ class EngravingModel(EngravingPreTrainedModel):
         text_latents = self.embed_captions(captions, tokenizer)
         seeds = [seed + index for index in range(len(captions))]
         latents = self.sample_latents(seeds, text_latents=text_latents, guidance_scale=guidance_scale)
-        images = pixel_values_to_images(self.decode_latents(latents))
+        images = pixel_values_to_images(self.decode_latents(latents, add_detail))
         return EngravingGenerationOutput(images=images, captions=captions, seeds=seeds, latents=latents)
 
     @torch.no_grad()
-    def interpolate(self, seed_a, seed_b, steps=8, tokenizer=None):
+    def interpolate(self, seed_a, seed_b, steps=8, add_detail=True, tokenizer=None):
         """
         Walks from the engraving of `seed_a` to that of `seed_b` in `steps` images: spherical interpolation of the
         two seeds' noise, each point carried through the prior. Captions are greedy. Returns [`EngravingGenerationOutput`].
@@ -945,7 +1048,7 @@ class EngravingModel(EngravingPreTrainedModel):
         weights = torch.linspace(0, 1, steps)[:, None]
         noise = (torch.sin((1 - weights) * angle) * noise_a + torch.sin(weights * angle) * noise_b) / torch.sin(angle)
         latents = self.prior_latents(noise.to(self.device, self.dtype))
-        images = pixel_values_to_images(self.decode_latents(latents))
+        images = pixel_values_to_images(self.decode_latents(latents, add_detail))
         captions = self.caption_latents(latents, tokenizer)
         return EngravingGenerationOutput(images=images, captions=captions, seeds=[seed_a, seed_b], latents=latents)
 
@@ -973,6 +1076,24 @@ class EngravingModel(EngravingPreTrainedModel):
             scheduler.step()
         self.prior.train(was_training)
         return loss.item()
+
+    @torch.no_grad()
+    def fit_detail_bank(self, batches, seed=0):
+        """
+        Fills the detail bank from training images: `batches` is an iterable of `(batch, channels, image_size,
+        image_size)` pixel values in [-1, 1]. Each image's patches are keyed by this model's reconstruction of it (the
+        posterior mean, decoded without detail), so that decoding later finds them from what the decoder draws, and
+        carry the real image's detail (see [`EngravingDetailBank`]). Returns the number of patches seen.
+        """
+        if self.detail_bank is None:
+            raise ValueError("This model's config has detail_bank_size=0: it has no detail bank to fit.")
+
+        def reconstructed_pairs():
+            for pixel_values in batches:
+                pixel_values = pixel_values.to(self.device, self.dtype)
+                yield self.decode_latents(self.encode_images(pixel_values), add_detail=False), pixel_values
+
+        return self.detail_bank.fit(reconstructed_pairs(), seed=seed)
 
 
 WORD_PATTERN = re.compile(r"\w+")

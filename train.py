@@ -567,9 +567,24 @@ def fit_latent_prior(model, cache, input_ids, attention_mask, args):
         )
 
 
+@torch.no_grad()
+def fit_detail_bank(model, cache, batch_size, seed):
+    """Fills the model's detail bank with patches of the training images as cached (not augmented)."""
+    batches = (
+        cache.batch(torch.arange(start, min(start + batch_size, len(cache)))) for start in range(0, len(cache), batch_size)
+    )
+    return model.fit_detail_bank(batches, seed=seed)
+
+
 def write_model_card(directory, args, config, record, num_train_images):
     """README.md with YAML metadata, the sample grid and the validation metrics of a saved model."""
     metrics = "\n".join(f"| {name} | {value:.4f} |" for name, value in record.items() if name.startswith("val_"))
+    detail_bank_line = (
+        f"Its detail bank holds {config.detail_bank_size} patches of {config.detail_patch_size} px drawn from the "
+        f"{record['detail_bank_patches_seen']} patches of the training images; decoded images get their line work from it."
+        if "detail_bank_patches_seen" in record
+        else "It has no detail bank: images are the decoder's own."
+    )
     card = f"""---
 library_name: transformers
 pipeline_tag: unconditional-image-generation
@@ -600,6 +615,7 @@ output.images[0].save("engraving.png"); print(output.captions)
 Trained with `train.py` on {num_train_images} images for {record['step']} steps ({record['epoch']} epochs), batch
 {args.train_batch_size} per process, learning rate {args.learning_rate}, seed {args.seed}, EMA: {args.use_ema}.
 The latent prior was fitted to the training latents for {args.prior_fit_steps} steps of {args.prior_fit_batch_size} at learning rate {args.prior_fit_learning_rate}.
+{detail_bank_line}
 
 ## Validation metrics (step {record['step']})
 
@@ -772,6 +788,10 @@ def main(args):
             improved = record["val_loss"] < best_val_loss
             if improved or final:
                 record["prior_fit_loss"] = fit_latent_prior(eval_model, train_cache, train_ids, train_mask, args)
+                if eval_model.detail_bank is not None:
+                    record["detail_bank_patches_seen"] = fit_detail_bank(
+                        eval_model, train_cache, args.eval_batch_size, args.seed
+                    )
             seeds = list(range(args.num_validation_samples))
             generated = eval_model.generate(seeds=seeds, batch_size=args.eval_batch_size)
             samples = captioned_grid(generated.images, generated.captions, columns=min(8, len(seeds)))

@@ -214,7 +214,7 @@ def test_bad_paths_and_splits_are_reported_in_one_sentence(
         main(args)
 
 
-def test_report_of_a_tiny_model_has_every_metric_for_both_sampling_rows_and_all_are_finite(
+def test_report_of_a_tiny_model_has_every_metric_for_every_sampling_row_and_all_are_finite(
     tiny_model_dir, tiny_dataset_dir, tmp_path
 ):
     args = parse_args(
@@ -225,7 +225,8 @@ def test_report_of_a_tiny_model_has_every_metric_for_both_sampling_rows_and_all_
     report = json.loads((tmp_path / "report.json").read_text())
 
     assert report["feature_extractor"].startswith("efficientnet-lite0")
-    assert set(report["sampling"]) == {"prior", "no_prior"}
+    # The tiny model has a fitted detail bank, so its samples and reconstructions are also scored without it.
+    assert set(report["sampling"]) == {"prior", "prior_no_detail", "no_prior"}
     for row in report["sampling"].values():
         for key in ("fid", "kid", "kid_x1000", "high_frequency_ratio", "caption_well_formed", "caption_distinct_1",
                     "caption_distinct_2", "caption_copied", "caption_known_words", "caption_novel_known_words", "caption_agreement", "caption_agreement_shuffled",
@@ -234,6 +235,7 @@ def test_report_of_a_tiny_model_has_every_metric_for_both_sampling_rows_and_all_
         assert len(row["example_captions"]) == 5
     for section, keys in {
         "reconstruction": ("psnr", "ssim", "fid", "kid_x1000", "high_frequency_ratio"),
+        "reconstruction_no_detail": ("psnr", "ssim", "fid", "kid_x1000", "high_frequency_ratio"),
         "validation_captions": ("bleu", "well_formed", "distinct_1", "distinct_2", "copied"),
         "retrieval": ("image_to_text_r1", "image_to_text_r5", "text_to_image_r1", "text_to_image_r5"),
         "real_reference": ("high_frequency_share", "near_copy_threshold", "nearest_train_distance_mean"),
@@ -279,7 +281,7 @@ def test_outputs_saved_without_the_metric_libraries_score_like_a_direct_run(
 
     assert scored["retrieval"] == direct["retrieval"]
     assert scored["validation_captions"] == direct["validation_captions"]
-    for row in ("prior", "no_prior"):
+    for row in ("prior", "prior_no_detail", "no_prior"):
         assert scored["sampling"][row]["example_captions"] == direct["sampling"][row]["example_captions"]
         # The images travel as JPEG (quality 100 here): the scores move by rounding, not more.
         for key in ("kid_x1000", "high_frequency_ratio", "caption_agreement"):
@@ -292,6 +294,27 @@ def test_model_and_model_outputs_are_exclusive(tmp_path):
         parse_args(["--dataset_path", str(tmp_path)])
     with pytest.raises(SystemExit):
         parse_args(["--model", "m", "--model_outputs", "o.npz", "--dataset_path", str(tmp_path)])
+
+
+def test_refit_detail_bank_keeps_every_weight_and_fills_a_bank_of_the_new_size(tiny_model_dir, tiny_dataset_dir, tmp_path):
+    sys.path.insert(0, str(REPO_ROOT / "bench"))
+    import refit_prior
+    from modeling_engraving import EngravingModel
+
+    refit_prior.main(
+        refit_prior.parse_args([
+            "--part", "detail_bank", "--model", str(tiny_model_dir), "--dataset_path", str(tiny_dataset_dir / "dataset"),
+            "--output_dir", str(tmp_path / "refit"), "--cache_dir", str(tmp_path / "cache"),
+            "--config_overrides", "detail_bank_size=1024", "detail_patch_size=8",
+        ])
+    )
+    before = EngravingModel.from_pretrained(tiny_model_dir).state_dict()
+    after = EngravingModel.from_pretrained(tmp_path / "refit")
+    assert after.detail_bank.details.shape == (1024, 64)
+    assert len(torch.unique(after.detail_bank.keys, dim=0)) > 1  # filled from the 24 training shapes
+    for name, tensor in after.state_dict().items():
+        if not name.startswith("detail_bank."):
+            assert torch.equal(tensor, before[name]), name
 
 
 def test_refit_prior_keeps_the_autoencoder_and_fits_a_new_prior(tiny_model_dir, tiny_dataset_dir, tmp_path):

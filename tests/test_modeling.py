@@ -10,6 +10,7 @@ import textwrap
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 from configuration_engraving import EngravingConfig
 from conftest import REPO_ROOT, shape_pairs, tiny_training_captions
@@ -311,6 +312,72 @@ def load_in_a_fresh_process(model_dir, tmp_path):
     )
     assert result.returncode == 0, result.stderr
     return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def hatched_prints(num_prints, size=32, seed=0):
+    """`(num_prints, 3, size, size)` pixel values: paper with regions of ink lines, 1 px wide every 3 px, in random directions."""
+    generator = torch.Generator().manual_seed(seed)
+    rows, columns = torch.meshgrid(torch.arange(size), torch.arange(size), indexing="ij")
+    prints = torch.ones(num_prints, 1, size, size)
+    for index in range(num_prints):
+        for _ in range(3):
+            top, left = torch.randint(0, size // 2, (2,), generator=generator).tolist()
+            direction = (rows, columns, rows + columns)[torch.randint(0, 3, (1,), generator=generator).item()]
+            region = (rows >= top) & (rows < top + size // 2) & (columns >= left) & (columns < left + size // 2)
+            prints[index, 0][region & (direction % 3 == 0)] = -1.0
+    return prints.expand(-1, 3, -1, -1).contiguous()
+
+
+def blurred(pixel_values, factor=4):
+    return F.interpolate(F.avg_pool2d(pixel_values, factor), scale_factor=factor, mode="bilinear", align_corners=False)
+
+
+def test_unfitted_detail_bank_adds_nothing(tiny_config):
+    model = EngravingModel(tiny_config).eval()
+    latents = torch.randn(2, tiny_config.latent_size)
+    assert torch.equal(model.decode_latents(latents), model.decode_latents(latents, add_detail=False))
+
+
+def test_a_print_the_model_draws_as_in_training_gets_that_prints_own_detail(tiny_config):
+    model = EngravingModel(tiny_config).eval()
+    prints = torch.rand(2, 3, 32, 32) * 2 - 1  # 128 patches, fewer than the 256 slots: every one is kept
+    assert model.fit_detail_bank([prints]) == 128
+    drawn = model.decode_latents(model.encode_images(prints), add_detail=False)
+    own_details = model.detail_bank.patch_details(prints.mean(dim=1, keepdim=True))  # (2, 64, 16): 4 x 4 patches
+    added = (model.decode_latents(model.encode_images(prints)) - drawn)[:, 0]
+    for index in (0, 9, 63):
+        top, left = 4 * (index // 8), 4 * (index % 8)
+        assert torch.allclose(added[1, top : top + 4, left : left + 4].flatten(), own_details[1, index], atol=1e-5)
+
+
+def test_detail_bank_streams_batches_to_the_same_uniform_sample(tiny_config):
+    prints = torch.rand(12, 3, 32, 32) * 2 - 1  # 768 patches for 256 slots
+    whole, streamed = EngravingModel(tiny_config).eval(), EngravingModel(tiny_config).eval()
+    whole.detail_bank.fit([(prints, prints)], seed=3)
+    streamed.detail_bank.fit(zip(prints.split(5), prints.split(5)), seed=3)
+    assert torch.equal(whole.detail_bank.keys, streamed.detail_bank.keys)
+    assert torch.equal(whole.detail_bank.details, streamed.detail_bank.details)
+    assert len(torch.unique(whole.detail_bank.keys, dim=0)) == 256  # without replacement
+
+
+def test_detail_bank_puts_line_work_back_into_blurred_prints_it_has_not_seen(tiny_config):
+    """The bank's own setting: keyed by blurred training prints (what a decoder draws), detailed by the sharp ones."""
+    bank = EngravingModel(tiny_config).eval().detail_bank
+    prints = hatched_prints(32, seed=0)
+    bank.fit([(blurred(prints), prints)])
+    unseen = hatched_prints(8, seed=1)
+    soft = blurred(unseen)
+    restored = bank(soft)
+
+    def fine_energy(pixel_values):
+        return (pixel_values - blurred(pixel_values)).pow(2).mean().item()
+
+    assert fine_energy(soft) < 0.1 * fine_energy(unseen)
+    assert 0.5 * fine_energy(unseen) < fine_energy(restored) < 2.0 * fine_energy(unseen)
+    # The tones stay where the decoder put them: the detail of each patch averages to about nothing.
+    assert (F.avg_pool2d(restored - soft, 8)).abs().max() < 0.15
+    with pytest.raises(ValueError, match="detail_patch_size"):
+        with_fields(tiny_config, detail_patch_size=6)
 
 
 def test_save_and_load_in_a_fresh_process_gives_identical_outputs(tiny_model, tiny_model_dir, tmp_path):

@@ -76,6 +76,10 @@ def test_training_writes_evaluations_best_model_and_a_loadable_final_model(unint
     assert len(output.images) == 2 and output.images[0].size == (32, 32) and all(isinstance(c, str) for c in output.captions)
     # The prior was fitted to the training latents: its standardisation is no longer the initial N(0, I).
     assert not model.latent_std.eq(1).all()
+    # The detail bank was filled from the patches of the 24 training shapes, and the card says so.
+    assert records[-1]["detail_bank_patches_seen"] == 24 * (32 // model.config.detail_patch_size) ** 2
+    assert model.detail_bank.details.abs().sum() > 0
+    assert "detail bank holds" in card
 
 
 def test_resumed_run_gives_the_same_losses_as_an_uninterrupted_one(tiny_dataset_dir, uninterrupted_run, tmp_path):
