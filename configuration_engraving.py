@@ -12,7 +12,7 @@ ENGRAVING_PRESETS = {
     # each seed's composition; 0.5 fades some seeds to blank paper (BENCHMARKS.md, "Prior fit and temperature").
     "base": {"prior_temperature": 0.8},
     # Trains on a CPU in minutes at 128 px. Its detail bank (65,536 patches of 8 px) took the CPU recipe's seed samples
-    # from KID x1000 413 to 143 (BENCHMARKS.md, "A detail bank").
+    # from KID x1000 410 to 146 (BENCHMARKS.md, "A detail bank").
     "small": {
         "image_size": 128,
         "latent_size": 256,
