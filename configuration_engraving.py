@@ -31,9 +31,9 @@ ENGRAVING_PRESETS = {
         "discriminator_patch_size": 1,
         "discriminator_channels": [32, 64, 128, 256],
     },
-    # `make demo`: the procedural demo scenes at 64 px, trained on 2 CPU cores in a few minutes (no discriminator, and
-    # no detail bank: added afterwards it lowered the demo's
-    # seed KID 0.27x (BENCHMARKS.md, "A detail bank"), but `make demo` has not yet run with it).
+    # `make demo`: the procedural demo scenes at 64 px, trained on 2 CPU cores in a few minutes. No discriminator, and no
+    # detail bank: added afterwards, one gave 0.27x the demo's seed KID (BENCHMARKS.md, "A detail bank"), but `make demo`
+    # has not yet run with it.
     "demo": {
         "image_size": 64,
         "latent_size": 128,

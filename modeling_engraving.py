@@ -367,11 +367,15 @@ class EngravingDetailBank(nn.Module):
         """`(num_queries, 16)` keys -> `(num_queries,)` indices of the nearest bank keys (squared Euclidean)."""
         bank_keys = self.keys.to(keys.dtype)
         bank_norms = (bank_keys**2).sum(-1)
+
+        def nearest(queries):
+            return (bank_norms - 2 * queries @ bank_keys.T).argmin(dim=-1)
+
         if torch.jit.is_tracing():  # An exported graph takes any batch in one step (a traced split keeps its sizes).
-            return (bank_norms - 2 * keys @ bank_keys.T).argmin(dim=-1)
+            return nearest(keys)
         # Eager decoding bounds the distance matrix at 2**24 entries (64 MB).
         chunk_size = max(1, 2**24 // max(1, bank_keys.shape[0]))
-        return torch.cat([(bank_norms - 2 * chunk @ bank_keys.T).argmin(dim=-1) for chunk in keys.split(chunk_size)])
+        return torch.cat([nearest(chunk) for chunk in keys.split(chunk_size)])
 
     @torch.no_grad()
     def fit(self, pairs, seed=0):

@@ -567,7 +567,6 @@ def fit_latent_prior(model, cache, input_ids, attention_mask, args):
         )
 
 
-@torch.no_grad()
 def fit_detail_bank(model, cache, batch_size, seed):
     """Fills the model's detail bank with patches of the training images as cached (not augmented)."""
     batches = (
