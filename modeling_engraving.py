@@ -409,6 +409,10 @@ class EngravingDetailBank(nn.Module):
 
     def forward(self, pixel_values):
         """`(batch, channels, H, W)` pixels in about [-1, 1] -> the same with each patch's nearest real detail added."""
+        # An unfitted bank (all zeros, e.g. a checkpoint saved before it had one) adds nothing: skip its search. A traced
+        # graph keeps the search, since the check depends on the buffers' values.
+        if not torch.jit.is_tracing() and not self.details.any():
+            return pixel_values
         grey = pixel_values.mean(dim=1, keepdim=True)
         keys = self.patch_keys(grey)
         batch, _, height, width = grey.shape

@@ -332,10 +332,13 @@ def blurred(pixel_values, factor=4):
     return F.interpolate(F.avg_pool2d(pixel_values, factor), scale_factor=factor, mode="bilinear", align_corners=False)
 
 
-def test_unfitted_detail_bank_adds_nothing(tiny_config):
+def test_unfitted_detail_bank_adds_nothing_and_skips_its_search(tiny_config, monkeypatch):
     model = EngravingModel(tiny_config).eval()
     latents = torch.randn(2, tiny_config.latent_size)
+    searched = []
+    monkeypatch.setattr(model.detail_bank, "nearest_patches", lambda keys: searched.append(keys) or None)
     assert torch.equal(model.decode_latents(latents), model.decode_latents(latents, add_detail=False))
+    assert not searched
 
 
 def test_a_print_the_model_draws_as_in_training_gets_that_prints_own_detail(tiny_config):
