@@ -534,8 +534,7 @@ def resolve_resume_path(args):
 def validation_losses(model, cache, input_ids, attention_mask, batch_size):
     """Each loss component averaged over the validation split, in eval mode."""
     totals = dict.fromkeys(LOSS_NAMES, 0.0)
-    for start in range(0, len(cache), batch_size):
-        indices = torch.arange(start, min(start + batch_size, len(cache)))
+    for indices in torch.arange(len(cache)).split(batch_size):
         outputs = model(
             cache.batch(indices).to(model.dtype),
             input_ids[indices].to(model.device),
@@ -550,8 +549,7 @@ def validation_losses(model, cache, input_ids, attention_mask, batch_size):
 def fit_latent_prior(model, cache, input_ids, attention_mask, args):
     """Encodes the training images (posterior means) and captions in eval mode, then fits the prior to them."""
     latents, text_latents = [], []
-    for start in range(0, len(cache), args.eval_batch_size):
-        indices = torch.arange(start, min(start + args.eval_batch_size, len(cache)))
+    for indices in torch.arange(len(cache)).split(args.eval_batch_size):
         latents.append(model.encode_images(cache.batch(indices).to(model.dtype)).float())
         text_latents.append(
             model.encode_text(input_ids[indices].to(model.device), attention_mask[indices].to(model.device)).float()
@@ -569,9 +567,7 @@ def fit_latent_prior(model, cache, input_ids, attention_mask, args):
 
 def fit_detail_bank(model, cache, batch_size, seed):
     """Fills the model's detail bank with patches of the training images as cached (not augmented)."""
-    batches = (
-        cache.batch(torch.arange(start, min(start + batch_size, len(cache)))) for start in range(0, len(cache), batch_size)
-    )
+    batches = (cache.batch(indices) for indices in torch.arange(len(cache)).split(batch_size))
     return model.fit_detail_bank(batches, seed=seed)
 
 
