@@ -5,7 +5,8 @@ its position (left, centre, right) in:
 
 - held-out renders: the classifier's own ceiling;
 - the model's reconstructions of those renders, against the renders' labels: what the autoencoder keeps;
-- the model's seed samples, with and without the prior, against the subject and position their own caption names.
+- the model's seed samples, with the prior (and with it but without the detail bank) and without it, against the subject
+  and position their own caption names.
 
 "Chance" is the agreement expected if the images said nothing about the captions: the sum over classes of the caption
 share times the prediction share. Writes nothing but an optional JSON summary.
@@ -147,10 +148,15 @@ def agreement(classifier, pixel_values, subjects, positions):
 
 
 def sample_rows(model, classifier, num_samples):
-    """Agreement of seed samples with their own captions, with and without the prior."""
+    """Agreement of seed samples with their own captions: with the prior, and without the prior or the detail bank."""
     rows = {}
-    for name, use_prior in (("samples (prior)", True), ("samples (no prior)", False)):
-        output = model.generate(seeds=list(range(num_samples)), use_prior=use_prior)
+    variants = (
+        ("samples (prior)", True, True),
+        ("samples (prior, no detail bank)", True, False),
+        ("samples (no prior)", False, True),
+    )
+    for name, use_prior, add_detail in variants:
+        output = model.generate(seeds=list(range(num_samples)), use_prior=use_prior, add_detail=add_detail)
         labels = [caption_subject_and_position(caption) for caption in output.captions]
         named = [i for i, (subject, position) in enumerate(labels) if subject and position]
         size = model.config.image_size

@@ -80,7 +80,13 @@ def test_recognisability_benchmark_scores_a_saved_model(tiny_model_dir, tmp_path
         "--num_heldout_renders", "16", "--classifier_epochs", "1", "--output_json", str(report),
     ]))
     rows = json.loads(report.read_text())["rows"]
-    assert list(rows) == ["held-out renders (ceiling)", "reconstructions of them", "samples (prior)", "samples (no prior)"]
+    assert list(rows) == [
+        "held-out renders (ceiling)",
+        "reconstructions of them",
+        "samples (prior)",
+        "samples (prior, no detail bank)",
+        "samples (no prior)",
+    ]
     assert rows["held-out renders (ceiling)"]["count"] == rows["reconstructions of them"]["count"] == 16
     for row in rows.values():
         assert all(0.0 <= row[k] <= 1.0 or math.isnan(row[k]) for k in ("subject", "position", "subject_chance"))
