@@ -26,6 +26,9 @@ from modeling_engraving import CAPTION_TEMPERATURE, CAPTION_TOP_P, images_to_pix
 
 MAX_SEED = 2**32 - 1
 GRID_MIN_CELL = 128
+# Pillow's built-in font has no accented letters or dashes, which real titles have ("Abbé", "—"); DejaVu Sans has
+# them and is on most Linux systems (Debian's fonts-dejavu-core). Pillow finds it by file name in the system's fonts.
+CAPTION_FONT_FILES = ("DejaVuSans.ttf",)
 
 
 def parse_seeds(text):
@@ -160,13 +163,25 @@ def engrave_pictures(model, pictures, add_detail=True):
     return model.caption(pictures), engravings
 
 
+def caption_font(size):
+    """A font of `size` pixels for grid captions: the first of CAPTION_FONT_FILES found, else Pillow's built-in one."""
+    for font_file in CAPTION_FONT_FILES:
+        try:
+            return ImageFont.truetype(font_file, size)
+        except OSError:
+            continue
+    return ImageFont.load_default(size=size)
+
+
 def captioned_grid(images, captions, columns):
     """Lays images out in rows of `columns` on white paper, each with its whole caption wrapped beneath it."""
     scale = max(1, math.ceil(GRID_MIN_CELL / images[0].width))
     width, height = images[0].width * scale, images[0].height * scale
-    font = ImageFont.load_default(size=max(10, width // 22))
+    font = caption_font(max(10, width // 22))
     line_height = font.size + 4
-    characters_per_line = max(8, int(width / (0.55 * font.size)))
+    # Wrap at the captions' own mean letter width in this font, within a 4 px margin on each side.
+    text = "".join(captions) or "n"
+    characters_per_line = max(8, int((width - 8) * len(text) / font.getlength(text)))
     caption_lines = [textwrap.wrap(caption, characters_per_line) for caption in captions]
     cell_height = height + max(map(len, caption_lines), default=0) * line_height + 8
     rows = math.ceil(len(images) / columns)

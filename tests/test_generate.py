@@ -90,3 +90,11 @@ def test_an_unreadable_picture_or_model_stops_with_one_clear_sentence(tiny_model
         generate.main(["--model", str(tiny_model_dir), "--image", str(tmp_path / "notes.jpg"), "--output_dir", str(tmp_path)])
     with pytest.raises(SystemExit, match="Could not load an Engraving model from"):
         generate.main(["--model", str(tmp_path / "missing"), "--output_dir", str(tmp_path)])
+
+
+def test_grid_captions_draw_the_accented_letters_and_dashes_of_real_titles():
+    font = generate.caption_font(16)
+    # A letter the font lacks is drawn as its "missing glyph" box, the same for every such letter: U+0378 is unassigned.
+    missing = np.asarray(font.getmask("\u0378"))
+    for letter in "éè—’œ":
+        assert not np.array_equal(np.asarray(font.getmask(letter)), missing), letter
