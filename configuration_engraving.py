@@ -218,7 +218,10 @@ class EngravingConfig(PretrainedConfig):
         self.prior_loss_weight = prior_loss_weight
         """Weight of the flow-matching loss of the latent prior (trained on detached latents)."""
         self.prior_hidden_size = prior_hidden_size
-        """Width of the prior's residual MLP."""
+        """
+        Width of the prior's residual MLP. Its velocity leaves through a layer this wide, so below `latent_size` it can
+        move the noise only within a subspace: keep it at least `latent_size`.
+        """
         self.prior_num_layers = prior_num_layers
         """Residual blocks of the prior's MLP."""
         self.prior_num_steps = prior_num_steps
