@@ -26,9 +26,6 @@ from modeling_engraving import CAPTION_TEMPERATURE, CAPTION_TOP_P, images_to_pix
 
 MAX_SEED = 2**32 - 1
 GRID_MIN_CELL = 128
-# Pillow's built-in font has no accented letters or dashes, which real titles have ("Abbé", "—"); DejaVu Sans has
-# them and is on most Linux systems (Debian's fonts-dejavu-core). Pillow finds it by file name in the system's fonts.
-CAPTION_FONT_FILES = ("DejaVuSans.ttf",)
 
 
 def parse_seeds(text):
@@ -164,13 +161,13 @@ def engrave_pictures(model, pictures, add_detail=True):
 
 
 def caption_font(size):
-    """A font of `size` pixels for grid captions: the first of CAPTION_FONT_FILES found, else Pillow's built-in one."""
-    for font_file in CAPTION_FONT_FILES:
-        try:
-            return ImageFont.truetype(font_file, size)
-        except OSError:
-            continue
-    return ImageFont.load_default(size=size)
+    """A font of `size` pixels for grid captions: DejaVu Sans where the system has it, else Pillow's built-in one."""
+    # Pillow's built-in font has no accented letters or dashes, which real titles have ("Abbé", "—"); DejaVu Sans has
+    # them and is on most Linux systems (Debian's fonts-dejavu-core). Pillow finds it by file name in the system's fonts.
+    try:
+        return ImageFont.truetype("DejaVuSans.ttf", size)
+    except OSError:
+        return ImageFont.load_default(size=size)
 
 
 def captioned_grid(images, captions, columns):
