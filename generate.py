@@ -13,7 +13,6 @@ import argparse
 import json
 import math
 import sys
-import textwrap
 from pathlib import Path
 
 import torch
@@ -170,16 +169,24 @@ def caption_font(size):
         return ImageFont.load_default(size=size)
 
 
+def wrap_caption(caption, font, width):
+    """`caption`'s words in lines no wider than `width` pixels in `font` (a word wider than that gets a line alone)."""
+    lines = []
+    for word in caption.split():
+        if lines and font.getlength(f"{lines[-1]} {word}") <= width:
+            lines[-1] = f"{lines[-1]} {word}"
+        else:
+            lines.append(word)
+    return lines
+
+
 def captioned_grid(images, captions, columns):
     """Lays images out in rows of `columns` on white paper, each with its whole caption wrapped beneath it."""
     scale = max(1, math.ceil(GRID_MIN_CELL / images[0].width))
     width, height = images[0].width * scale, images[0].height * scale
     font = caption_font(max(10, width // 22))
     line_height = font.size + 4
-    # Wrap at the captions' own mean letter width in this font, within a 4 px margin on each side.
-    text = "".join(captions) or "n"
-    characters_per_line = max(8, int((width - 8) * len(text) / font.getlength(text)))
-    caption_lines = [textwrap.wrap(caption, characters_per_line) for caption in captions]
+    caption_lines = [wrap_caption(caption, font, width - 8) for caption in captions]  # a 4 px margin on each side
     cell_height = height + max(map(len, caption_lines), default=0) * line_height + 8
     rows = math.ceil(len(images) / columns)
     grid = Image.new("RGB", (columns * width, rows * cell_height), "white")

@@ -98,3 +98,18 @@ def test_grid_captions_draw_the_accented_letters_and_dashes_of_real_titles():
     missing = np.asarray(font.getmask("\u0378"))
     for letter in "éè—’œ":
         assert not np.array_equal(np.asarray(font.getmask(letter)), missing), letter
+
+
+def test_grid_captions_wrap_within_their_cell_and_keep_every_word():
+    font = generate.caption_font(12)
+    captions = [
+        "An engraving depicting a large windmill in the centre, among hills under a stormy sky beneath a crescent moon",
+        "Mmmm WWWW mmmm WWWW Mmmm WWWW iiii llll iiii",
+        "Abbé Cosette — an unbreakablewordwiderthanthecellbyfar",
+    ]
+    for caption in captions:
+        lines = generate.wrap_caption(caption, font, 120)
+        assert " ".join(lines) == " ".join(caption.split())
+        assert all(font.getlength(line) <= 120 for line in lines if " " in line)
+        # Greedy: no line could have taken the next line's first word.
+        assert all(font.getlength(f"{line} {after.split()[0]}") > 120 for line, after in zip(lines, lines[1:]))
