@@ -547,7 +547,7 @@ def validation_losses(model, cache, input_ids, attention_mask, batch_size):
 
 @torch.no_grad()
 def fit_latent_prior(model, cache, input_ids, attention_mask, args):
-    """Encodes the training images (posterior means) and captions in eval mode, then fits the prior to them."""
+    """Encodes the training images (posterior means) and captions in eval mode, then fits a fresh prior to them."""
     latents, text_latents = [], []
     for indices in torch.arange(len(cache)).split(args.eval_batch_size):
         latents.append(model.encode_images(cache.batch(indices).to(model.dtype)).float())
@@ -609,7 +609,7 @@ output.images[0].save("engraving.png"); print(output.captions)
 
 Trained with `train.py` on {num_train_images} images for {record['step']} steps ({record['epoch']} epochs), batch
 {args.train_batch_size} per process, learning rate {args.learning_rate}, seed {args.seed}, EMA: {args.use_ema}.
-The latent prior was fitted to the training latents for {args.prior_fit_steps} steps of {args.prior_fit_batch_size} at learning rate {args.prior_fit_learning_rate}.
+A freshly initialised latent prior was fitted to the training latents for {args.prior_fit_steps} steps of {args.prior_fit_batch_size} at learning rate {args.prior_fit_learning_rate}.
 {detail_bank_line}
 
 ## Validation metrics (step {record['step']})

@@ -287,6 +287,34 @@ def test_prior_matches_a_toy_latent_distribution_far_better_than_plain_noise(tin
     assert torch.cov(cooled.T).trace() < 0.6 * torch.cov(sampled.T).trace()
 
 
+def test_fit_prior_starts_from_a_fresh_prior_whatever_the_prior_held_before(tiny_config, tmp_path):
+    torch.manual_seed(0)
+    latents, text_latents = torch.randn(64, tiny_config.latent_size), torch.randn(64, tiny_config.latent_size)
+    fresh = EngravingModel(tiny_config).eval()
+    fresh.save_pretrained(tmp_path)
+    # A loaded model whose prior has trained elsewhere: transformers marks loaded weights initialised, and
+    # re-initialising them in place would silently keep them.
+    trained = EngravingModel.from_pretrained(tmp_path).eval()
+    with torch.no_grad():
+        for parameter in trained.prior.parameters():
+            parameter.add_(torch.randn_like(parameter))
+    fits = []
+    for model in (fresh, trained):
+        torch.manual_seed(1)  # the flow-matching noise and times come from the global generator
+        fits.append(model.fit_prior(latents, text_latents, num_steps=5, seed=3))
+
+    assert fits[0] == fits[1]
+    for (name, fitted), (_, refitted) in zip(fresh.prior.state_dict().items(), trained.prior.state_dict().items()):
+        torch.testing.assert_close(fitted, refitted, rtol=0, atol=0, msg=name)
+    assert not fresh.prior.training and not trained.prior.training
+    # Without `from_scratch` the fit goes on from the prior as it is.
+    onward = EngravingModel.from_pretrained(tmp_path).eval()
+    with torch.no_grad():
+        next(onward.prior.parameters()).add_(1.0)
+    onward.fit_prior(latents, text_latents, num_steps=5, seed=3, from_scratch=False)
+    assert not torch.equal(next(onward.prior.parameters()), next(fresh.prior.parameters()))
+
+
 def load_in_a_fresh_process(model_dir, tmp_path):
     """What a user gets from `AutoModel.from_pretrained(model_dir, trust_remote_code=True)` in a new interpreter."""
     script = textwrap.dedent(
