@@ -1080,9 +1080,9 @@ class EngravingModel(EngravingPreTrainedModel):
         exact standardisation statistics, then trains only the prior for `num_steps`. Returns the final loss.
 
         With `from_scratch` (the default) the prior is first built afresh from `seed`. The prior that trained beside
-        the autoencoder learnt moving latents under moving statistics, and fitted further it stays behind: a fresh
-        prior fitted the same way scored 0.94x its seed KID on the 256-d CPU recipe and 0.59x on a 1024-d latent
-        (BENCHMARKS.md).
+        the autoencoder learnt moving latents under moving statistics, and fitted further it can stay behind: a fresh
+        prior fitted the same way scored 0.59x its seed KID on a 1024-d latent, and 0.94x to level on the 256-d CPU
+        recipe and the demo (BENCHMARKS.md).
         """
         latents = latents.to(self.device, torch.float32)
         text_latents = None if text_latents is None else text_latents.to(self.device, torch.float32)
