@@ -787,16 +787,26 @@ class EngravingModel(EngravingPreTrainedModel):
             reconstructions, pixel_values = F.avg_pool2d(reconstructions, pool_size), F.avg_pool2d(pixel_values, pool_size)
         return F.l1_loss(reconstructions, pixel_values) + F.mse_loss(reconstructions, pixel_values)
 
-    def prior_loss(self, latents, text_latents=None):
-        """Flow-matching loss of the prior on detached `(batch, latent_size)` latents, text-conditioned on a random share."""
+    def prior_loss(self, latents, text_latents=None, generator=None):
+        """
+        Flow-matching loss of the prior on detached `(batch, latent_size)` latents, text-conditioned on a random share.
+        The noise, times and condition mask come from `generator` (a CPU `torch.Generator`) when one is given, so that
+        a fit repeats exactly; otherwise from the global generator, as in training.
+        """
         target = self.standardize_latents(latents.detach())
-        noise = torch.randn_like(target)
-        timesteps = torch.rand(target.shape[0], device=target.device)
+
+        def draw(sampler, *shape):
+            if generator is None:
+                return sampler(*shape, device=target.device)
+            return sampler(*shape, generator=generator).to(target.device)
+
+        noise = draw(torch.randn, *target.shape).to(target.dtype)
+        timesteps = draw(torch.rand, target.shape[0]).to(target.dtype)
         noisy = (1 - timesteps[:, None]) * noise + timesteps[:, None] * target
         conditions = condition_mask = None
         if text_latents is not None:
             conditions = F.normalize(text_latents.detach(), dim=-1)
-            condition_mask = torch.rand(target.shape[0], device=target.device) >= self.config.prior_condition_dropout
+            condition_mask = draw(torch.rand, target.shape[0]) >= self.config.prior_condition_dropout
         velocity = self.prior(noisy, timesteps, conditions, condition_mask)
         return F.mse_loss(velocity.float(), (target - noise).float())
 
@@ -1077,7 +1087,8 @@ class EngravingModel(EngravingPreTrainedModel):
     ):
         """
         Fits the prior to a set of training latents `(num_images, latent_size)` (and their text latents): sets the
-        exact standardisation statistics, then trains only the prior for `num_steps`. Returns the final loss.
+        exact standardisation statistics, then trains only the prior for `num_steps`. Returns the final loss. The
+        batches, noise and times all come from `seed`, so the same call on the same latents fits the same prior.
 
         With `from_scratch` (the default) the prior is first built afresh from `seed`. The prior that trained beside
         the autoencoder learnt moving latents under moving statistics, and fitted further it can stay behind: a fresh
@@ -1098,7 +1109,7 @@ class EngravingModel(EngravingPreTrainedModel):
         for _ in range(num_steps):
             index = torch.randint(0, latents.shape[0], (min(batch_size, latents.shape[0]),), generator=generator)
             batch_text = None if text_latents is None else text_latents[index.to(self.device)]
-            loss = self.prior_loss(latents[index.to(self.device)], batch_text)
+            loss = self.prior_loss(latents[index.to(self.device)], batch_text, generator=generator)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
