@@ -39,26 +39,19 @@ def parse_args(argv=None):
     return parser.parse_args(argv)
 
 
-class PriorSampler(nn.Module):
-    """Seed noise `(batch, latent_size)` -> latents `(batch, latent_size)` for the decoders: the whole Euler loop."""
+class ModelMethod(nn.Module):
+    """
+    One of the model's tensor-to-tensor methods as a module, for the exporter to trace: `prior_latents` (seed noise ->
+    latents, the whole Euler loop) or `decode_latents` (latents -> pixels, detail included).
+    """
 
-    def __init__(self, model):
+    def __init__(self, model, method_name):
         super().__init__()
         self.model = model
+        self.method_name = method_name
 
-    def forward(self, noise):
-        return self.model.prior_latents(noise)
-
-
-class ImageDecoder(nn.Module):
-    """Latents `(batch, latent_size)` -> pixels `(batch, 3, image_size, image_size)`: `decode_latents`, detail included."""
-
-    def __init__(self, model):
-        super().__init__()
-        self.model = model
-
-    def forward(self, latents):
-        return self.model.decode_latents(latents)
+    def forward(self, inputs):
+        return getattr(self.model, self.method_name)(inputs)
 
 
 class CaptionDecoderStep(nn.Module):
@@ -80,9 +73,14 @@ def onnx_graphs(model):
     input_ids = torch.tensor([[config.bos_token_id, 5, 6], [config.bos_token_id, 7, 8]])
     batch = {0: "batch"}
     return {
-        "prior_sample.onnx": (PriorSampler(model), {"noise": latents}, {"noise": batch, "latents": batch}, ["latents"]),
+        "prior_sample.onnx": (
+            ModelMethod(model, "prior_latents"),
+            {"noise": latents},
+            {"noise": batch, "latents": batch},
+            ["latents"],
+        ),
         "image_decoder.onnx": (
-            ImageDecoder(model),
+            ModelMethod(model, "decode_latents"),
             {"latents": latents},
             {"latents": batch, "pixel_values": batch},
             ["pixel_values"],
