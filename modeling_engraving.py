@@ -795,18 +795,18 @@ class EngravingModel(EngravingPreTrainedModel):
         """
         target = self.standardize_latents(latents.detach())
 
-        def draw(sampler, *shape):
+        def draw(sampler, shape, dtype=torch.float32):
             if generator is None:
-                return sampler(*shape, device=target.device)
-            return sampler(*shape, generator=generator).to(target.device)
+                return sampler(shape, dtype=dtype, device=target.device)
+            return sampler(shape, dtype=dtype, generator=generator).to(target.device)
 
-        noise = draw(torch.randn, *target.shape).to(target.dtype)
-        timesteps = draw(torch.rand, target.shape[0]).to(target.dtype)
+        noise = draw(torch.randn, target.shape, target.dtype)
+        timesteps = draw(torch.rand, (target.shape[0],))
         noisy = (1 - timesteps[:, None]) * noise + timesteps[:, None] * target
         conditions = condition_mask = None
         if text_latents is not None:
             conditions = F.normalize(text_latents.detach(), dim=-1)
-            condition_mask = draw(torch.rand, target.shape[0]) >= self.config.prior_condition_dropout
+            condition_mask = draw(torch.rand, (target.shape[0],)) >= self.config.prior_condition_dropout
         velocity = self.prior(noisy, timesteps, conditions, condition_mask)
         return F.mse_loss(velocity.float(), (target - noise).float())
 
