@@ -15,6 +15,7 @@ import gradio as gr
 import torch
 
 from generate import MAX_SEED, engrave_pictures, load_model, open_image
+from modeling_engraving import IMAGINE_VARIATION
 
 
 DEFAULT_MODEL_ID = "outputs/demo/model"
@@ -67,11 +68,11 @@ def build_demo(model):
         return list(zip(output.images, output.captions))
 
     @torch.inference_mode()
-    def draw_caption(caption, seed, guidance_scale):
+    def draw_caption(caption, seed, variation):
         caption = (caption or "").strip()
         if not caption or len(caption) > MAX_CAPTION_CHARACTERS:
             raise gr.Error(f"Write a caption of 1 to {MAX_CAPTION_CHARACTERS} characters.")
-        return model.imagine(caption, seed=check_seed(seed), guidance_scale=float(guidance_scale)).images[0]
+        return model.imagine(caption, seed=check_seed(seed), variation=float(variation)).images[0]
 
     def caption_picture(path):
         if path is None:
@@ -119,10 +120,10 @@ def build_demo(model):
             with gr.Row():
                 prompt = gr.Textbox(label="Caption", value="An engraving depicting a lighthouse on a rocky coast")
                 prompt_seed = gr.Number(label="Seed", value=0, precision=0)
-                guidance = gr.Slider(1.0, 6.0, value=2.0, step=0.5, label="Guidance scale")
+                variation = gr.Slider(0.0, 1.0, value=IMAGINE_VARIATION, step=0.1, label="Variation between seeds")
             draw = gr.Button("Draw", variant="primary")
             drawing = engraving_image("Engraving")
-            draw.click(draw_caption, inputs=[prompt, prompt_seed, guidance], outputs=drawing, api_name="imagine")
+            draw.click(draw_caption, inputs=[prompt, prompt_seed, variation], outputs=drawing, api_name="imagine")
 
         with gr.Tab("Picture to caption"):
             gr.Markdown(f"Upload a picture (PNG, JPEG, WebP or TIFF, up to {MAX_UPLOAD_SIZE[:-2]} MB).")

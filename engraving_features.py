@@ -171,3 +171,29 @@ def cosine_nearest_neighbours(queries, bank, k=1, exclude_self=False):
         similarity.fill_diagonal_(-float("inf"))
     similarity, indices = similarity.topk(min(k, bank.shape[0] - int(exclude_self)), dim=-1)
     return (1.0 - similarity).clamp(min=0.0), indices
+
+
+def kernel_inception_distance(features, real_features, subset_size=100, num_subsets=100, seed=0):
+    """
+    KID (Binkowski et al., 2018): the unbiased MMD^2 under a cubic polynomial kernel between `(n, d)` feature sets,
+    averaged over `num_subsets` random subsets of `subset_size` rows of each (fewer if a set is smaller). Returns the
+    mean and the standard deviation over the subsets.
+    """
+    generated, real = features.double(), real_features.double()
+    subset_size = min(subset_size, len(generated), len(real))
+    if subset_size < 2:
+        raise ValueError("KID needs at least 2 generated and 2 real feature vectors.")
+
+    def kernel(x, y):
+        return (x @ y.T / x.shape[1] + 1.0) ** 3
+
+    generator = torch.Generator().manual_seed(seed)
+    estimates = []
+    for _ in range(num_subsets):
+        x = generated[torch.randperm(len(generated), generator=generator)[:subset_size]]
+        y = real[torch.randperm(len(real), generator=generator)[:subset_size]]
+        k_xx, k_yy, k_xy = kernel(x, x), kernel(y, y), kernel(x, y)
+        within = (k_xx.sum() - k_xx.diagonal().sum() + k_yy.sum() - k_yy.diagonal().sum()) / (subset_size * (subset_size - 1))
+        estimates.append((within - 2.0 * k_xy.mean()).item())
+    estimates = torch.tensor(estimates)
+    return estimates.mean().item(), estimates.std().item()

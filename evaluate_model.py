@@ -3,15 +3,14 @@ Evaluates a trained Engraving model on a held-out split and writes `report.json`
 
 - sample quality: FID and KID of seed samples against the real split's images in frozen ImageNet features, and the
   high-frequency energy of the samples relative to the real images (1 = as much fine line work);
-- reconstruction: PSNR and SSIM of the autoencoder on the split's images, and the FID, KID and high-frequency energy of
-  its reconstructions: a bound on what seeds can reach through the decoder;
+- reconstruction: PSNR and SSIM of the generator's drawing of each real image's encoded latent, and the FID, KID and
+  high-frequency energy of those drawings;
 - captions: well-formed share, distinct-1/2 and verbatim copies of the training captions, BLEU-4 of `caption(image)`;
 - image-caption correspondence: retrieval R@1/R@5 with the model's own alignment embeddings, and, for generated pairs,
   a model-free agreement: MiniLM similarity of each caption to the captions of its image's nearest training images;
 - memorisation: each sample's distance to its nearest training image, and the share of near-copies;
 
-each sample metric for prior sampling and again for the `--no_prior` baseline (N(0, I) noise decoded directly), and,
-for a model with a detail bank, for prior sampling and reconstructions without the bank's line work (`_no_detail`).
+each for the seed samples (seeds `--seed` onwards: the generator's images and the captions written for them).
 
     python evaluate_model.py --model ./engraving-small --dataset_path ./prepared/dataset --num_samples 200 --output_dir ./eval
 
@@ -78,7 +77,7 @@ def parse_args(argv=None):
     )
 
     group = parser.add_argument_group("sampling")
-    group.add_argument("--num_samples", type=int, default=200, help="Engravings drawn per sampling row (prior, no prior).")
+    group.add_argument("--num_samples", type=int, default=200, help="Engravings drawn from seeds.")
     group.add_argument("--seed", type=int, default=0, help="Samples use seeds seed, seed + 1, ...; also seeds subsets.")
     group.add_argument(
         "--temperature", type=float, default=CAPTION_TEMPERATURE, help="Caption sampling temperature of `generate`."
@@ -198,61 +197,42 @@ def model_view(dataset, image_size):
 
 @torch.no_grad()
 def encode_real_split(model, images, captions, batch_size):
-    """
-    Reconstructions (PIL; also without the detail bank's line work, for a model with one), greedy captions, image
-    latents (posterior means) and text latents of real pairs.
-    """
-    reconstructions, plain_reconstructions, predicted_captions, image_latents, text_latents = [], [], [], [], []
+    """Reconstructions (PIL), greedy captions, image latents and text latents of real pairs."""
+    reconstructions, predicted_captions, image_latents, text_latents = [], [], [], []
     for start in tqdm(range(0, len(images), batch_size), desc="reconstructing and captioning", leave=False):
         chunk_images, chunk_captions = images[start : start + batch_size], captions[start : start + batch_size]
         pixel_values = images_to_pixel_values(chunk_images, model.config.image_size).to(model.device)
         latents = model.encode_images(pixel_values)
         reconstructions += pixel_values_to_images(model.decode_latents(latents))
-        if model.detail_bank is not None:
-            plain_reconstructions += pixel_values_to_images(model.decode_latents(latents, add_detail=False))
         predicted_captions += model.caption_latents(latents)
         image_latents.append(latents.float().cpu())
         text_latents.append(model.embed_captions(chunk_captions).float().cpu())
-    outputs = {
+    return {
         "reconstructions": reconstructions,
         "predicted_captions": predicted_captions,
         "image_latents": torch.cat(image_latents),
         "text_latents": torch.cat(text_latents),
     }
-    if plain_reconstructions:
-        outputs["reconstructions_no_detail"] = plain_reconstructions
-    return outputs
-
-
-# Each row's name, whether seeds go through the prior, and whether the detail bank adds its line work. The row
-# without detail is only drawn for a model that has a bank.
-SAMPLING_ROWS = (("prior", True, True), ("prior_no_detail", True, False), ("no_prior", False, True))
 
 
 def model_outputs(model, real_images, real_captions, args):
     """
     All that evaluation asks of the model: reconstructions, greedy captions and alignment latents of the real images,
-    and the seed samples of each sampling row with their captions.
+    and the seed samples with their captions.
     """
     outputs = encode_real_split(model, real_images, real_captions, args.batch_size)
-    seeds = list(range(args.seed, args.seed + args.num_samples))
-    for name, use_prior, add_detail in SAMPLING_ROWS:
-        if not add_detail and model.detail_bank is None:
-            continue
-        logger.info(f"Sampling {args.num_samples} engravings ({name}).")
-        samples = model.generate(
-            seeds=seeds,
-            temperature=args.temperature,
-            top_p=args.top_p,
-            use_prior=use_prior,
-            add_detail=add_detail,
-            batch_size=args.batch_size,
-        )
-        outputs[f"{name}_images"], outputs[f"{name}_captions"] = samples.images, samples.captions
+    logger.info(f"Sampling {args.num_samples} engravings.")
+    samples = model.generate(
+        seeds=range(args.seed, args.seed + args.num_samples),
+        temperature=args.temperature,
+        top_p=args.top_p,
+        batch_size=args.batch_size,
+    )
+    outputs["samples_images"], outputs["samples_captions"] = samples.images, samples.captions
     return outputs
 
 
-IMAGE_OUTPUTS = ("reconstructions", "reconstructions_no_detail") + tuple(f"{name}_images" for name, *_ in SAMPLING_ROWS)
+IMAGE_OUTPUTS = ("reconstructions", "samples_images")
 
 
 def save_model_outputs(outputs, path, image_size, jpeg_quality):
@@ -391,7 +371,7 @@ def render_markdown(report):
     setup += ("caption_words",)
     setup += ("feature_extractor", "feature_backend", "device", "elapsed_seconds")
     lines += [f"- **{key}**: {format_value(report[key])}" for key in setup]
-    sections = ("real_reference", "reconstruction", "reconstruction_no_detail", "validation_captions", "retrieval")
+    sections = ("real_reference", "reconstruction", "validation_captions", "retrieval")
     for section in (name for name in sections if name in report):
         lines += ["", f"## {section.replace('_', ' ').capitalize()}", "", "| metric | value |", "| --- | --- |"]
         lines += [f"| {key} | {format_value(value)} |" for key, value in report[section].items() if key != "example_captions"]
@@ -500,22 +480,11 @@ def main(args):
         **metrics["caption_quality"].compute(predictions=predicted_captions, training_captions=train_captions),
         "example_captions": predicted_captions[:5],
     }
-    sampling = {
-        name: evaluate_samples(outputs[f"{name}_images"], outputs[f"{name}_captions"], context, metrics, args)
-        for name, *_ in SAMPLING_ROWS
-        if f"{name}_images" in outputs
-    }
-
-    # The reconstructions' distance from the real images bounds what seeds can reach through this decoder.
-    reconstructions = {
-        section: {
-            **metrics["reconstruction"].compute(predictions=outputs[key], references=real_images),
-            **image_distribution_scores(
-                context["extractor"](outputs[key], description=f"{key} features"), outputs[key], context, metrics, args
-            ),
-        }
-        for section, key in (("reconstruction", "reconstructions"), ("reconstruction_no_detail", "reconstructions_no_detail"))
-        if key in outputs
+    sampling = {"samples": evaluate_samples(outputs["samples_images"], outputs["samples_captions"], context, metrics, args)}
+    reconstruction_features = context["extractor"](outputs["reconstructions"], description="reconstruction features")
+    reconstruction = {
+        **metrics["reconstruction"].compute(predictions=outputs["reconstructions"], references=real_images),
+        **image_distribution_scores(reconstruction_features, outputs["reconstructions"], context, metrics, args),
     }
     report = {
         "model": str(args.model or args.model_outputs),
@@ -524,13 +493,13 @@ def main(args):
         "image_size": image_size,
         "num_eval_images": len(real_images),
         "num_train_images_featurised": len(train_bank_images),
-        "num_samples": len(outputs["prior_images"]),
+        "num_samples": len(outputs["samples_images"]),
         "caption_words": args.caption_words,
         "feature_extractor": extractor.name,
         "feature_backend": extractor.backend,
         "device": args.device,
         "real_reference": real_reference,
-        **reconstructions,
+        "reconstruction": reconstruction,
         "validation_captions": validation_captions,
         "retrieval": metrics["retrieval"].compute(
             predictions=outputs["image_latents"].numpy(), references=outputs["text_latents"].numpy()
@@ -542,8 +511,8 @@ def main(args):
     (output_dir / "report.json").write_text(json.dumps(report, indent=2) + "\n")
     (output_dir / "report.md").write_text(render_markdown(report))
     logger.info(
-        f"Wrote {output_dir / 'report.json'} in {report['elapsed_seconds']} s: KID x1000 prior "
-        f"{sampling['prior']['kid_x1000']:.1f}, no prior {sampling['no_prior']['kid_x1000']:.1f}."
+        f"Wrote {output_dir / 'report.json'} in {report['elapsed_seconds']} s: seed samples' KID x1000 "
+        f"{sampling['samples']['kid_x1000']:.1f}, high-frequency ratio {sampling['samples']['high_frequency_ratio']:.2f}."
     )
     return report
 

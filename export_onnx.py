@@ -1,13 +1,11 @@
 """
 Exports a trained Engraving model to ONNX, for runtimes without PyTorch (onnxruntime on a server, in a browser):
 
-- `prior_sample.onnx`: seed noise `(batch, latent_size)` -> latents. The scaling by `prior_temperature`, the prior's
-  `prior_num_steps` Euler steps (unrolled; the MLP's weights are stored once) and the un-standardisation are one
-  graph, so a runtime turns noise into a latent with one call and no loop of its own. It is the unconditional sampler
-  of `generate`.
-- `image_decoder.onnx`: latents `(batch, latent_size)` -> pixels `(batch, 3, image_size, image_size)` in [-1, 1], as
-  `decode_latents` draws them: the decoder, then the detail bank's nearest-patch line work (a Conv gathers each patch's
-  key, a MatMul and ArgMin find its nearest bank patch, a Gather fetches its detail).
+- `image_decoder.onnx`: latents `(batch, latent_size)` -> pixels `(batch, 3, image_size, image_size)` in about [-1, 1]:
+  the (EMA) generator, as `decode_latents` draws them. A seed's latent is its N(0, I) draw (`torch.randn(latent_size,
+  generator=torch.Generator().manual_seed(seed))`), which a runtime without PyTorch can ship as a table or redraw.
+- `image_encoder.onnx`: pixels -> latents, as `encode_images`: a seed's caption is written from the encoder's latent of
+  its drawn image, and an uploaded picture's from its own.
 - `caption_decoder_step.onnx`: latents and the caption so far, `(batch, length)` token ids starting with `<bos>`,
   -> logits `(batch, vocab_size)` of the next token. A runtime calls it once per token (greedy or top-p), until
   `<eos>`; there is no KV cache, so each step reads the whole caption so far. Where `config.caption_words` is set,
@@ -32,7 +30,7 @@ from generate import load_model
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description="Export an Engraving model's prior, image decoder and caption step.")
+    parser = argparse.ArgumentParser(description="Export an Engraving model's image decoder, image encoder and caption step.")
     parser.add_argument("--model", required=True, help="A folder written by train.py, or a Hub model id.")
     parser.add_argument("--output_dir", default="onnx", help="Where to write the .onnx files, tokenizer and config.")
     parser.add_argument("--opset", type=int, default=17, help="ONNX opset version.")
@@ -41,8 +39,8 @@ def parse_args(argv=None):
 
 class ModelMethod(nn.Module):
     """
-    One of the model's tensor-to-tensor methods as a module, for the exporter to trace: `prior_latents` (seed noise ->
-    latents, the whole Euler loop) or `decode_latents` (latents -> pixels, detail included).
+    One of the model's tensor-to-tensor methods as a module, for the exporter to trace: `decode_latents` (latents ->
+    pixels) or `encode_images` (pixels -> latents).
     """
 
     def __init__(self, model, method_name):
@@ -71,12 +69,13 @@ def onnx_graphs(model):
     config = model.config
     latents = torch.randn(2, config.latent_size, generator=torch.Generator().manual_seed(0))
     input_ids = torch.tensor([[config.bos_token_id, 5, 6], [config.bos_token_id, 7, 8]])
+    pixel_values = torch.rand(2, 3, config.image_size, config.image_size, generator=torch.Generator().manual_seed(0))
     batch = {0: "batch"}
     return {
-        "prior_sample.onnx": (
-            ModelMethod(model, "prior_latents"),
-            {"noise": latents},
-            {"noise": batch, "latents": batch},
+        "image_encoder.onnx": (
+            ModelMethod(model, "encode_images"),
+            {"pixel_values": pixel_values * 2 - 1},
+            {"pixel_values": batch, "latents": batch},
             ["latents"],
         ),
         "image_decoder.onnx": (

@@ -20,7 +20,13 @@ from PIL import Image, ImageDraw, ImageFont
 from tqdm.auto import tqdm
 from transformers import AutoModel
 
-from modeling_engraving import CAPTION_TEMPERATURE, CAPTION_TOP_P, images_to_pixel_values, pixel_values_to_images
+from modeling_engraving import (
+    CAPTION_TEMPERATURE,
+    CAPTION_TOP_P,
+    IMAGINE_VARIATION,
+    images_to_pixel_values,
+    pixel_values_to_images,
+)
 
 
 MAX_SEED = 2**32 - 1
@@ -77,13 +83,10 @@ def parse_args(argv=None):
         "--top_p", type=float, default=CAPTION_TOP_P, help="Nucleus of the caption sampling, in (0, 1]."
     )
     sampling_group.add_argument(
-        "--no_prior", action="store_true", help="Decode each seed's N(0, I) noise as is, not through the prior."
-    )
-    sampling_group.add_argument(
-        "--no_detail", action="store_true", help="Draw the decoder's own images, without the detail bank's line work."
-    )
-    sampling_group.add_argument(
-        "--guidance_scale", type=float, default=2.0, help="Classifier-free guidance of --caption (1 is none)."
+        "--variation",
+        type=float,
+        default=IMAGINE_VARIATION,
+        help="How far each seed moves --caption's drawing from the caption's own latent (0: the same for every seed).",
     )
     sampling_group.add_argument("--steps", type=int, default=8, help="Images in an --interpolate strip (at least 2).")
     sampling_group.add_argument("--batch_size", type=int, default=16, help="Images drawn per forward pass.")
@@ -152,11 +155,11 @@ def seed_batches(seeds, batch_size, consecutive=False):
 
 
 @torch.inference_mode()
-def engrave_pictures(model, pictures, add_detail=True):
+def engrave_pictures(model, pictures):
     """Captions PIL pictures and redraws each through the model's latent: `(captions, engravings)`."""
     pixel_values = images_to_pixel_values(pictures, model.config.image_size).to(model.device, model.dtype)
-    engravings = pixel_values_to_images(model.decode_latents(model.encode_images(pixel_values), add_detail))
-    return model.caption(pictures), engravings
+    latents = model.encode_images(pixel_values)
+    return model.caption_latents(latents), pixel_values_to_images(model.decode_latents(latents))
 
 
 def caption_font(size):
@@ -211,17 +214,10 @@ def engrave_seeds(model, args):
                     seeds=batch,
                     temperature=args.temperature,
                     top_p=args.top_p,
-                    use_prior=not args.no_prior,
-                    add_detail=not args.no_detail,
                     batch_size=len(batch),
                 )
             else:
-                output = model.imagine(
-                    [args.caption] * len(batch),
-                    seed=batch[0],
-                    guidance_scale=args.guidance_scale,
-                    add_detail=not args.no_detail,
-                )
+                output = model.imagine([args.caption] * len(batch), seed=batch[0], variation=args.variation)
             yield from zip(batch, output.images, output.captions)
             progress.update(len(batch))
 
@@ -245,7 +241,7 @@ def draw_interpolation(model, args, output_dir):
     """Writes each step of the walk from one seed to the other, and interpolation.png, the captioned strip."""
     seed_a, seed_b = args.interpolate
     with torch.inference_mode():
-        output = model.interpolate(seed_a, seed_b, steps=args.steps, add_detail=not args.no_detail)
+        output = model.interpolate(seed_a, seed_b, steps=args.steps)
     records = []
     for step, (image, caption) in enumerate(zip(output.images, output.captions)):
         file = f"step_{step:02d}.png"
@@ -261,7 +257,7 @@ def draw_pictures(model, args, pictures, output_dir):
     with tqdm(total=len(pictures), desc="Captioning", unit="image") as progress:
         for start in range(0, len(pictures), args.batch_size):
             paths = args.image[start : start + args.batch_size]
-            captions, engravings = engrave_pictures(model, pictures[start : start + args.batch_size], not args.no_detail)
+            captions, engravings = engrave_pictures(model, pictures[start : start + args.batch_size])
             for index, (path, caption, engraving) in enumerate(zip(paths, captions, engravings), start=start):
                 file = f"engraved_{index:04d}_{Path(path).stem}.png"
                 records.append({"source": str(path), "caption": caption, "file": file})

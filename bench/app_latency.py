@@ -1,6 +1,6 @@
 """
 Times the demo's one-seed request, `model.generate(seeds=[seed])`, on a randomly initialised model, and each of its
-parts: the prior's Euler steps, the image decoder (with the PIL conversion) and the caption decoding.
+parts: the generator (with the PIL conversion), the image encoder that reads the drawing back, and the caption decoding.
 
 A random model rarely writes `<eos>`, so its captions run to `max_caption_length`: the caption time is a worst case,
 and the per-token time shows what a trained model's shorter captions cost.
@@ -82,7 +82,8 @@ def main():
     model = EngravingModel(config).eval()
     model.tokenizer = tokenizer
     seeds = iter(range(args.seed, args.seed + 4 * (args.runs + 1)))
-    latents = model.sample_latents([args.seed])
+    latents = model.seed_latents([args.seed])
+    drawing = model.decode_latents(latents)
 
     def caption():
         ids = model.generate_caption_ids(
@@ -96,8 +97,8 @@ def main():
 
     parts = {
         "generate(seeds=[s]) total": lambda: model.generate(seeds=[next(seeds)]),
-        f"prior ({config.prior_num_steps} Euler steps)": lambda: model.sample_latents([next(seeds)]),
-        "image decoder + PIL": lambda: pixel_values_to_images(model.decode_latents(latents)),
+        "generator + PIL": lambda: pixel_values_to_images(model.decode_latents(latents)),
+        "image encoder": lambda: model.encode_images(drawing),
         "caption decoding": caption,
     }
     autocast = torch.autocast("cpu", dtype=torch.bfloat16) if args.autocast_bfloat16 else contextlib.nullcontext()

@@ -5,8 +5,8 @@ its position (left, centre, right) in:
 
 - held-out renders: the classifier's own ceiling;
 - the model's reconstructions of those renders, against the renders' labels: what the autoencoder keeps;
-- the model's seed samples, with the prior (and with it but without the detail bank) and without it, against the subject
-  and position their own caption names.
+- the model's seed samples, against the subject and position their own caption names;
+- the engravings the model draws for held-out captions (`imagine`), against those captions.
 
 "Chance" is the agreement expected if the images said nothing about the captions: the sum over classes of the caption
 share times the prediction share. Writes nothing but an optional JSON summary.
@@ -52,15 +52,16 @@ def parse_args(argv=None):
 
 
 def render_labelled(seeds, image_size):
-    """Pixel values in [-1, 1] and (subject, position) class indices of the demo scenes of `seeds`."""
-    images, subjects, positions = [], [], []
+    """Pixel values in [-1, 1], (subject, position) class indices and captions of the demo scenes of `seeds`."""
+    images, subjects, positions, captions = [], [], [], []
     for seed in seeds:
         image, caption = render_scene(seed, image_size)
         subject, position = caption_subject_and_position(caption)
         images.append(image)
         subjects.append(SUBJECTS.index(subject))
         positions.append(POSITIONS.index(position))
-    return images_to_pixel_values(images, image_size), torch.tensor(subjects), torch.tensor(positions)
+        captions.append(caption)
+    return images_to_pixel_values(images, image_size), torch.tensor(subjects), torch.tensor(positions), captions
 
 
 class SubjectClassifier(nn.Module):
@@ -147,23 +148,28 @@ def agreement(classifier, pixel_values, subjects, positions):
     }
 
 
-def sample_rows(model, classifier, num_samples):
-    """Agreement of seed samples with their own captions: with the prior, and without the prior or the detail bank."""
+def labelled_images(images, captions, image_size):
+    """Pixel values and (subject, position) labels of the images whose caption names both, and that share of them."""
+    labels = [caption_subject_and_position(caption) for caption in captions]
+    named = [i for i, (subject, position) in enumerate(labels) if subject and position]
+    pixel_values = images_to_pixel_values([images[i] for i in named], image_size) if named else torch.empty(0, 3, image_size, image_size)
+    subjects = torch.tensor([SUBJECTS.index(labels[i][0]) for i in named], dtype=torch.long)
+    positions = torch.tensor([POSITIONS.index(labels[i][1]) for i in named], dtype=torch.long)
+    return pixel_values, subjects, positions, len(named) / max(1, len(captions))
+
+
+def sample_rows(model, classifier, num_samples, heldout_captions):
+    """
+    Agreement of seed samples with the captions written for them, and of the engravings `imagine` draws for held-out
+    captions with those captions.
+    """
+    size = model.config.image_size
+    seeds = model.generate(seeds=list(range(num_samples)))
+    imagined = model.imagine(heldout_captions[:num_samples], seed=0)
     rows = {}
-    variants = (
-        ("samples (prior)", True, True),
-        ("samples (prior, no detail bank)", True, False),
-        ("samples (no prior)", False, True),
-    )
-    for name, use_prior, add_detail in variants:
-        output = model.generate(seeds=list(range(num_samples)), use_prior=use_prior, add_detail=add_detail)
-        labels = [caption_subject_and_position(caption) for caption in output.captions]
-        named = [i for i, (subject, position) in enumerate(labels) if subject and position]
-        size = model.config.image_size
-        pixel_values = images_to_pixel_values([output.images[i] for i in named], size) if named else torch.empty(0, 3, size, size)
-        subjects = torch.tensor([SUBJECTS.index(labels[i][0]) for i in named], dtype=torch.long)
-        positions = torch.tensor([POSITIONS.index(labels[i][1]) for i in named], dtype=torch.long)
-        rows[name] = {**agreement(classifier, pixel_values, subjects, positions), "captions_naming_both": len(named) / num_samples}
+    for name, output in (("seed samples, own captions", seeds), ("caption -> engraving (imagine)", imagined)):
+        *labelled, share = labelled_images(output.images, output.captions, size)
+        rows[name] = {**agreement(classifier, *labelled), "captions_naming_both": share}
     return rows
 
 
@@ -175,9 +181,9 @@ def main(args):
 
     train_seeds = range(FIRST_RENDER_SEED, FIRST_RENDER_SEED + args.num_train_renders)
     heldout_seeds = range(train_seeds.stop, train_seeds.stop + args.num_heldout_renders)
-    classifier = train_classifier(*render_labelled(train_seeds, image_size), args.classifier_epochs, args.seed)
+    classifier = train_classifier(*render_labelled(train_seeds, image_size)[:3], args.classifier_epochs, args.seed)
 
-    heldout_pixel_values, heldout_subjects, heldout_positions = render_labelled(heldout_seeds, image_size)
+    heldout_pixel_values, heldout_subjects, heldout_positions, heldout_captions = render_labelled(heldout_seeds, image_size)
     with torch.no_grad():
         reconstructions = torch.cat(
             [model.decode_latents(model.encode_images(chunk)).clamp(-1, 1) for chunk in heldout_pixel_values.split(64)]
@@ -185,7 +191,7 @@ def main(args):
     rows = {
         "held-out renders (ceiling)": agreement(classifier, heldout_pixel_values, heldout_subjects, heldout_positions),
         "reconstructions of them": agreement(classifier, reconstructions, heldout_subjects, heldout_positions),
-        **sample_rows(model, classifier, args.num_samples),
+        **sample_rows(model, classifier, args.num_samples, heldout_captions),
     }
 
     print(f"\n{args.model}: {image_size} px, {time.perf_counter() - started:.0f} s\n")
@@ -202,8 +208,8 @@ def main(args):
     for name, row in rows.items():
         shares = [row["subject_by_class"].get(subject) for subject in SUBJECTS]
         print(f"| {name} | " + " | ".join("" if share is None else f"{share:.0%}" for share in shares) + " |")
-    misread = rows["samples (prior)"]["misread_as"]
-    print("\nPrior samples whose subject was misread (caption's subject -> what the classifier saw): ", end="")
+    misread = rows["seed samples, own captions"]["misread_as"]
+    print("\nSeed samples whose subject was misread (caption's subject -> what the classifier saw): ", end="")
     print(", ".join(f"{pair} {count}" for pair, count in list(misread.items())[:8]) or "none")
     if args.output_json:
         Path(args.output_json).write_text(json.dumps({"model": args.model, "rows": rows}, indent=2))

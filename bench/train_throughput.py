@@ -1,15 +1,14 @@
 """
 Training throughput, in images per second, measured twice in one run on the same machine:
 
-(a) compute only: the model's training step (forward, backward, clip, AdamW, discriminator step) on one fixed
-    batch already on the device, with train.py's own helpers and settings;
+(a) compute only: train.py's `training_step` (the discriminator's, the generator's and the encoder's steps) on one
+    fixed batch already on the device, with train.py's own helpers and settings;
 (b) train.py's real loop on real data: the script itself, with its cache, batching and augmentation, timed by its
     own throughput log over the last window of steps.
 
-The ratio (b)/(a) says how much the input pipeline costs (goal: >= 0.9). On one H100 the goal is >= 2,000 img/s for
-the base preset at 512 px:
+The ratio (b)/(a) says how much the input pipeline costs (goal: >= 0.9):
 
-    python bench/train_throughput.py --preset base --image_size 512 --train_batch_size 64 --mixed_precision bf16
+    python bench/train_throughput.py --preset base --image_size 256 --train_batch_size 64 --mixed_precision bf16
     python bench/train_throughput.py --preset small --image_size 128 --train_batch_size 16 --num_steps 5   # CPU
 
 Without --dataset_path it first makes a procedural demo dataset with prepare_dataset.py.
@@ -34,7 +33,14 @@ from torch.utils.flop_counter import FlopCounterMode
 REPO_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO_ROOT))
 
-from train import build_config, build_model_and_optimizers, forward_backward, load_dataset_dict, load_or_train_tokenizer  # noqa: E402
+from train import (  # noqa: E402
+    build_config,
+    build_networks,
+    build_optimizers,
+    load_dataset_dict,
+    load_or_train_tokenizer,
+    training_step,
+)
 from train import parse_args as parse_train_args  # noqa: E402
 
 
@@ -46,8 +52,6 @@ def parse_args():
     parser.add_argument("--num_steps", type=int, default=20, help="Timed steps of each measurement.")
     parser.add_argument("--warmup_steps", type=int, default=10, help="Untimed steps first (compilation, allocator, cuDNN autotuning); rounded up to a multiple of --num_steps.")
     parser.add_argument("--mixed_precision", default="bf16" if torch.cuda.is_available() else "no", choices=["no", "fp16", "bf16"], help="Autocast precision.")
-    parser.add_argument("--torch_compile", action="store_true", help="Compile the model in both measurements.")
-    parser.add_argument("--adversarial_loss_weight", type=float, default=None, help="Weight of the adversarial loss; 0 leaves the discriminator out (default: the preset's).")
     parser.add_argument("--config_overrides", nargs="*", default=[], metavar="KEY=VALUE", help="EngravingConfig fields for both measurements, e.g. encoder_channels=[8,16,32,64,128,256,256,256].")
     parser.add_argument("--compute_only", action="store_true", help="Measure (a) only, e.g. to compare model variants.")
     parser.add_argument("--dataset_path", default=None, help="A prepared dataset for (b); default: a procedural demo dataset made here.")
@@ -66,17 +70,15 @@ def make_demo_dataset(args, output_dir):
 
 
 def train_flags(args, dataset_path, output_dir, total_steps):
-    """train.py flags shared by both measurements: the discriminator on from the start, no evaluation or checkpoints."""
+    """train.py flags shared by both measurements: no evaluation or checkpoints."""
     flags = ["--dataset_path", str(dataset_path), "--output_dir", str(output_dir / "train"), "--cache_dir", str(output_dir / "cache")]
     flags += ["--preset", args.preset, "--image_size", str(args.image_size), "--train_batch_size", str(args.train_batch_size)]
-    flags += ["--mixed_precision", args.mixed_precision, "--adversarial_start_step", "0", "--max_train_steps", str(total_steps)]
+    flags += ["--mixed_precision", args.mixed_precision, "--max_train_steps", str(total_steps)]
     flags += ["--logging_steps", str(args.num_steps), "--validation_epochs", "1000000", "--checkpointing_steps", "1000000000"]
-    flags += ["--prior_fit_steps", "1", "--num_validation_samples", "1", "--report_to", "none"]
-    if args.adversarial_loss_weight is not None:
-        flags += ["--adversarial_loss_weight", str(args.adversarial_loss_weight)]
+    flags += ["--num_validation_samples", "1", "--report_to", "none"]
     if args.config_overrides:
         flags += ["--config_overrides", *args.config_overrides]
-    return flags + (["--torch_compile"] if args.torch_compile else [])
+    return flags
 
 
 def synchronize(device):
@@ -85,18 +87,16 @@ def synchronize(device):
 
 
 def compute_only_images_per_second(train_args, warmup_steps, num_steps):
-    """(a): train.py's model, optimizers and `forward_backward` on one fixed random batch already on the device."""
-    accelerator = Accelerator(mixed_precision=train_args.mixed_precision, dynamo_backend="inductor" if train_args.torch_compile else None)
+    """(a): train.py's networks, optimizers and `training_step` on one fixed random batch already on the device."""
+    accelerator = Accelerator(mixed_precision=train_args.mixed_precision)
     dataset = load_dataset_dict(train_args.dataset_path)
     captions = dataset["train"]["caption"]
     tokenizer = load_or_train_tokenizer(train_args, captions)
     config = build_config(train_args, tokenizer, captions)
     torch.manual_seed(0)
-    model, discriminator, optimizer, discriminator_optimizer = build_model_and_optimizers(
-        train_args, config, tokenizer, accelerator.device
-    )
-    model, optimizer, discriminator_optimizer = accelerator.prepare(model, optimizer, discriminator_optimizer)
-    model.train()
+    networks = build_networks(config, tokenizer, train_args.ema_decay, accelerator.device)
+    optimizers = accelerator.prepare(*build_optimizers(train_args, networks[0], networks[1], accelerator.device))
+    networks[0].train()
     batch, device = train_args.train_batch_size, accelerator.device
     pixel_values = torch.rand(batch, 3, config.image_size, config.image_size, device=device) * 2 - 1
     if device.type == "cuda":
@@ -104,26 +104,20 @@ def compute_only_images_per_second(train_args, warmup_steps, num_steps):
     input_ids = torch.randint(4, config.vocab_size, (batch, config.max_caption_length), device=device)
     attention_mask = torch.ones_like(input_ids)
 
-    def training_step():
-        forward_backward(
-            accelerator, model, discriminator, discriminator_optimizer, pixel_values, input_ids, attention_mask,
-            config.adversarial_loss_weight, 1, True,
-        )
-        accelerator.clip_grad_norm_(model.parameters(), train_args.max_grad_norm)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+    def step():
+        training_step(accelerator, networks, optimizers, pixel_values, input_ids, attention_mask, train_args.max_grad_norm)
 
-    for step in range(warmup_steps + num_steps):
-        if step == warmup_steps:
+    for index in range(warmup_steps + num_steps):
+        if index == warmup_steps:
             synchronize(device)
             start = time.perf_counter()
-        training_step()
+        step()
     synchronize(device)
     images_per_second = num_steps * batch / (time.perf_counter() - start)
-    # The matrix and convolution FLOPs of one step (forward, backward, discriminator), to set the throughput
-    # against the chip's rate. Counted eagerly: a compiled model hides its operations from the counter.
+    # The matrix and convolution FLOPs of one step (all three players, forward and backward), to set the throughput
+    # against the chip's rate.
     with FlopCounterMode(display=False) as counter:
-        training_step()
+        step()
     return images_per_second, str(device), counter.get_total_flops() / batch
 
 
@@ -153,10 +147,8 @@ def main():
         "image_size": args.image_size,
         "train_batch_size": args.train_batch_size,
         "mixed_precision": args.mixed_precision,
-        "torch_compile": args.torch_compile,
         "device": torch.cuda.get_device_name() if device.startswith("cuda") else f"{platform.processor() or 'cpu'} x{torch.get_num_threads()} threads",
         "timed_steps": args.num_steps,
-        "adversarial_loss_weight": args.adversarial_loss_weight,
         "config_overrides": args.config_overrides,
         "training_gflop_per_image": round(flops_per_image / 1e9, 2),
         "compute_only_images_per_second": round(compute_only, 2),

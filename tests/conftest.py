@@ -1,4 +1,4 @@
-"""Shared tiny fixtures: a tokenizer, a randomly initialised tiny model (its detail bank fitted to the shapes), a small captioned DatasetDict and its ImageFolder."""
+"""Shared tiny fixtures: a tokenizer, a randomly initialised tiny model, a small captioned DatasetDict and its ImageFolder."""
 
 import json
 import os
@@ -68,13 +68,9 @@ def tiny_config(tiny_tokenizer):
 def tiny_model(tiny_config, tiny_tokenizer):
     import torch
 
-    from modeling_engraving import images_to_pixel_values
-
     torch.manual_seed(0)
     model = EngravingModel(tiny_config).eval()
     model.tokenizer = tiny_tokenizer
-    # A fitted detail bank, so every test of decoding, saving and exporting covers it.
-    model.fit_detail_bank([images_to_pixel_values([image for image, _ in shape_pairs()], tiny_config.image_size)])
     return model
 
 

@@ -83,9 +83,8 @@ def test_recognisability_benchmark_scores_a_saved_model(tiny_model_dir, tmp_path
     assert list(rows) == [
         "held-out renders (ceiling)",
         "reconstructions of them",
-        "samples (prior)",
-        "samples (prior, no detail bank)",
-        "samples (no prior)",
+        "seed samples, own captions",
+        "caption -> engraving (imagine)",
     ]
     assert rows["held-out renders (ceiling)"]["count"] == rows["reconstructions of them"]["count"] == 16
     for row in rows.values():
@@ -93,4 +92,4 @@ def test_recognisability_benchmark_scores_a_saved_model(tiny_model_dir, tmp_path
         if row["count"]:
             assert sum(row["misread_as"].values()) == round(row["count"] * (1 - row["subject"]))
     # An untrained tiny model's captions name no demo subject, so its sample rows score nothing rather than fail.
-    assert rows["samples (prior)"]["count"] <= 4
+    assert rows["seed samples, own captions"]["count"] <= 4

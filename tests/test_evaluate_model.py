@@ -225,8 +225,7 @@ def test_report_of_a_tiny_model_has_every_metric_for_every_sampling_row_and_all_
     report = json.loads((tmp_path / "report.json").read_text())
 
     assert report["feature_extractor"].startswith("efficientnet-lite0")
-    # The tiny model has a fitted detail bank, so its samples and reconstructions are also scored without it.
-    assert set(report["sampling"]) == {"prior", "prior_no_detail", "no_prior"}
+    assert set(report["sampling"]) == {"samples"}
     for row in report["sampling"].values():
         for key in ("fid", "kid", "kid_x1000", "high_frequency_ratio", "caption_well_formed", "caption_distinct_1",
                     "caption_distinct_2", "caption_copied", "caption_known_words", "caption_novel_known_words", "caption_agreement", "caption_agreement_shuffled",
@@ -235,7 +234,6 @@ def test_report_of_a_tiny_model_has_every_metric_for_every_sampling_row_and_all_
         assert len(row["example_captions"]) == 5
     for section, keys in {
         "reconstruction": ("psnr", "ssim", "fid", "kid_x1000", "high_frequency_ratio"),
-        "reconstruction_no_detail": ("psnr", "ssim", "fid", "kid_x1000", "high_frequency_ratio"),
         "validation_captions": ("bleu", "well_formed", "distinct_1", "distinct_2", "copied"),
         "retrieval": ("image_to_text_r1", "image_to_text_r5", "text_to_image_r1", "text_to_image_r5"),
         "real_reference": ("high_frequency_share", "near_copy_threshold", "nearest_train_distance_mean"),
@@ -281,7 +279,7 @@ def test_outputs_saved_without_the_metric_libraries_score_like_a_direct_run(
 
     assert scored["retrieval"] == direct["retrieval"]
     assert scored["validation_captions"] == direct["validation_captions"]
-    for row in ("prior", "prior_no_detail", "no_prior"):
+    for row in ("samples",):
         assert scored["sampling"][row]["example_captions"] == direct["sampling"][row]["example_captions"]
         # The images travel as JPEG (quality 100 here): the scores move by rounding, not more.
         for key in ("kid_x1000", "high_frequency_ratio", "caption_agreement"):
@@ -294,50 +292,3 @@ def test_model_and_model_outputs_are_exclusive(tmp_path):
         parse_args(["--dataset_path", str(tmp_path)])
     with pytest.raises(SystemExit):
         parse_args(["--model", "m", "--model_outputs", "o.npz", "--dataset_path", str(tmp_path)])
-
-
-def test_refit_detail_bank_keeps_every_weight_and_fills_a_bank_of_the_new_size(tiny_model_dir, tiny_dataset_dir, tmp_path):
-    sys.path.insert(0, str(REPO_ROOT / "bench"))
-    import refit_prior
-    from modeling_engraving import EngravingModel
-
-    refit_prior.main(
-        refit_prior.parse_args([
-            "--part", "detail_bank", "--model", str(tiny_model_dir), "--dataset_path", str(tiny_dataset_dir / "dataset"),
-            "--output_dir", str(tmp_path / "refit"), "--cache_dir", str(tmp_path / "cache"),
-            "--config_overrides", "detail_bank_size=1024", "detail_patch_size=8",
-        ])
-    )
-    before = EngravingModel.from_pretrained(tiny_model_dir).state_dict()
-    after = EngravingModel.from_pretrained(tmp_path / "refit")
-    assert after.detail_bank.details.shape == (1024, 64)
-    assert len(torch.unique(after.detail_bank.keys, dim=0)) > 1  # filled from the 24 training shapes
-    for name, tensor in after.state_dict().items():
-        if not name.startswith("detail_bank."):
-            assert torch.equal(tensor, before[name]), name
-
-
-def test_refit_prior_keeps_the_autoencoder_and_fits_a_new_prior(tiny_model_dir, tiny_dataset_dir, tmp_path):
-    sys.path.insert(0, str(REPO_ROOT / "bench"))
-    import refit_prior
-
-    refit_prior.main(
-        refit_prior.parse_args([
-            "--model", str(tiny_model_dir), "--dataset_path", str(tiny_dataset_dir / "dataset"),
-            "--output_dir", str(tmp_path / "refit"), "--prior_fit_steps", "5", "--cache_dir", str(tmp_path / "cache"),
-            "--config_overrides", "prior_num_layers=1", "prior_architecture=mlp",  # JSON, and a plain string
-        ])
-    )
-    from modeling_engraving import EngravingModel
-
-    before = EngravingModel.from_pretrained(tiny_model_dir).state_dict()
-    after = EngravingModel.from_pretrained(tmp_path / "refit")
-    assert after.config.prior_num_layers == 1 and len(after.prior.blocks) == 1
-    assert after.tokenizer is not None
-    for name, tensor in after.state_dict().items():
-        if name.startswith("prior."):
-            continue
-        if name in ("latent_mean", "latent_std"):  # set from the training latents by the fit
-            assert not torch.equal(tensor, before[name])
-        else:
-            assert torch.equal(tensor, before[name]), name

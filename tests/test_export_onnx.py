@@ -9,13 +9,8 @@ from modeling_engraving import EngravingModel, pixel_values_to_images
 
 
 @pytest.fixture(scope="module")
-def exported_model(tiny_model_dir, tmp_path_factory):
-    """The tiny model with a prior temperature below 1, so the graphs must carry the noise's scaling too."""
-    model = EngravingModel.from_pretrained(tiny_model_dir).eval()
-    model.config.prior_temperature = 0.7
-    model_dir = tmp_path_factory.mktemp("exported_model")
-    model.save_pretrained(model_dir)
-    return model, model_dir
+def exported_model(tiny_model_dir):
+    return EngravingModel.from_pretrained(tiny_model_dir).eval(), tiny_model_dir
 
 
 @pytest.fixture(scope="module")
@@ -35,9 +30,10 @@ def test_each_graph_matches_pytorch_at_a_new_batch_size_and_length(onnx_dir, exp
     model, _ = exported_model
     generator = torch.Generator().manual_seed(1)
     noise = torch.randn(3, model.config.latent_size, generator=generator)
+    pixel_values = torch.rand(3, 3, model.config.image_size, model.config.image_size, generator=generator) * 2 - 1
     input_ids = torch.randint(3, model.config.vocab_size, (3, 6), generator=generator)
     cases = {
-        "prior_sample.onnx": {"noise": noise},
+        "image_encoder.onnx": {"pixel_values": pixel_values},
         "image_decoder.onnx": {"latents": noise},
         "caption_decoder_step.onnx": {"latents": noise, "input_ids": input_ids},
     }
@@ -49,9 +45,9 @@ def test_each_graph_matches_pytorch_at_a_new_batch_size_and_length(onnx_dir, exp
 def test_onnx_graphs_reproduce_a_seeds_engraving_and_greedy_caption(onnx_dir, exported_model):
     model, _ = exported_model
     config = model.config
-    noise = torch.randn(config.latent_size, generator=torch.Generator().manual_seed(11))[None].numpy()
-    (latents,) = session(onnx_dir / "prior_sample.onnx").run(None, {"noise": noise})
-    (pixel_values,) = session(onnx_dir / "image_decoder.onnx").run(None, {"latents": latents})
+    seed_latents = torch.randn(config.latent_size, generator=torch.Generator().manual_seed(11))[None].numpy()
+    (pixel_values,) = session(onnx_dir / "image_decoder.onnx").run(None, {"latents": seed_latents})
+    (latents,) = session(onnx_dir / "image_encoder.onnx").run(None, {"pixel_values": pixel_values})
     caption_step = session(onnx_dir / "caption_decoder_step.onnx")
     # The runtime keeps to config.caption_words as generate() does, with the same CaptionWordConstraint.
     word_constraint = model.caption_word_constraint(model.tokenizer)
