@@ -900,7 +900,8 @@ def main(args):
 
             end_of_epoch = batch_index + 1 == steps_per_epoch
             finished = global_step >= max_train_steps
-            if args.max_train_minutes is not None and global_step % args.logging_steps == 0:
+            # The clock is shared every few steps (one all-reduce), so the budget holds to a few steps.
+            if args.max_train_minutes is not None and global_step % min(10, args.logging_steps) == 0:
                 finished = finished or synchronised_flag(accelerator, training_minutes > args.max_train_minutes)
             if end_of_epoch and (epoch + 1) % args.validation_epochs == 0 and not finished:
                 pause = time.perf_counter()

@@ -11,7 +11,8 @@ set -euo pipefail
 DATA=$(realpath "${1:?DATA folder written by prepare_dataset.py at 128 px}")
 OUT=$(realpath -m "${2:?OUT folder}")
 MINUTES=${MINUTES:-23}
-PYTHON=$(realpath "${PYTHON:-.venv/bin/python}")
+# An absolute path that keeps its virtual environment (a venv's python is a link: do not resolve it).
+PYTHON=${PYTHON:-$PWD/.venv/bin/python}
 export HF_HUB_OFFLINE=1 TQDM_MININTERVAL=60
 mkdir -p "$OUT"
 started=$(date +%s)
