@@ -20,9 +20,8 @@ test: setup
 demo: setup
 	HF_HUB_OFFLINE=1 $(PY) prepare_dataset.py --source demo --num_images 2000 --image_size 64 --output_dir $(DEMO_DATA)
 	HF_HUB_OFFLINE=1 $(PY) train.py --dataset_path $(DEMO_DATA) --preset demo --output_dir $(DEMO_DIR) \
-		--train_batch_size 32 --learning_rate 1e-3 --lr_warmup_steps 30 --max_train_steps 2000 --max_train_minutes 5 \
-		--validation_epochs 100 --prior_fit_steps 2000 --prior_fit_batch_size 1024 --prior_fit_learning_rate 3e-3 \
-		--logging_steps 25
+		--train_batch_size 16 --generator_learning_rate 5e-4 --discriminator_learning_rate 5e-4 --max_train_steps 1000000 --max_train_minutes 4 --validation_epochs 1000 \
+		--checkpointing_steps 1000000 --logging_steps 50
 
 clean:
 	rm -rf $(VENV) data outputs

