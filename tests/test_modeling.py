@@ -141,6 +141,23 @@ def test_discriminator_losses_are_finite_and_reach_every_weight(tiny_config):
     assert torch.isfinite(discriminator.generator_loss(real))
 
 
+def test_projected_discriminator_trains_its_heads_on_frozen_lite1_features(tiny_config):
+    from modeling_engraving import EngravingProjectedDiscriminator
+
+    torch.manual_seed(0)
+    discriminator = EngravingProjectedDiscriminator(tiny_config).train()
+    assert not discriminator.features.training  # frozen BatchNorm statistics
+    real = images_to_pixel_values([image for image, _ in shape_pairs()], 32)
+    fake = (torch.rand_like(real) * 2 - 1).requires_grad_()
+    loss, reconstruction = discriminator.discriminator_loss(real, fake.detach())
+    assert torch.isfinite(loss) and reconstruction == 0
+    loss.backward()
+    assert all(parameter.grad is None for parameter in discriminator.features.parameters())
+    assert all(parameter.grad is not None for parameter in discriminator.heads.parameters())
+    discriminator.generator_loss(fake).backward()
+    assert fake.grad is not None and fake.grad.abs().sum() > 0
+
+
 def test_same_seed_gives_same_engraving_and_caption(tiny_model):
     first = tiny_model.generate(seeds=[7, 3])
     second = tiny_model.generate(seeds=[7, 3])
