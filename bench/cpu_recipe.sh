@@ -32,6 +32,7 @@ fi
 
 stamp "the GAN recipe"
 "$PYTHON" train.py --dataset_path "$DATA" --preset small --output_dir "$OUT/gan" --train_batch_size 16 \
+    --generator_learning_rate 5e-4 --discriminator_learning_rate 5e-4 \
     --max_train_steps 1000000 --max_train_minutes "$MINUTES" --validation_epochs 1000 --checkpointing_steps 1000 \
     --report_to none
 "$PYTHON" evaluate_model.py --model "$OUT/gan/model" --dataset_path "$DATA" --split validation --num_samples 200 \
