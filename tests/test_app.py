@@ -77,7 +77,7 @@ def test_interpolate_endpoint_gives_one_captioned_image_per_step(client):
 
 
 def test_imagine_endpoint_draws_a_caption(client):
-    image_path = client.predict("An engraving depicting a circle on the left", 0, 2.0, api_name="/imagine")
+    image_path = client.predict("An engraving depicting a circle on the left", 0, 0.5, api_name="/imagine")
     assert Image.open(image_path).size == (32, 32)
 
 
@@ -98,7 +98,7 @@ def test_caption_endpoint_captions_an_uploaded_picture(client, tmp_path):
         ("/batch", (0, app.MAX_BATCH_SIZE + 1), f"greater than maximum value {app.MAX_BATCH_SIZE}"),
         ("/batch", (app.MAX_SEED, 2), "The last seed must be"),
         ("/interpolate", (0, 1, app.MAX_INTERPOLATION_STEPS + 1), f"greater than maximum value {app.MAX_INTERPOLATION_STEPS}"),
-        ("/imagine", ("   ", 0, 2.0), "Write a caption of 1 to"),
+        ("/imagine", ("   ", 0, 0.5), "Write a caption of 1 to"),
     ],
 )
 def test_invalid_inputs_get_a_clear_message(client, api_name, arguments, message):
