@@ -751,7 +751,9 @@ class EngravingModel(EngravingPreTrainedModel):
             return EngravingOutput(latents=latents, text_latents=text_latents, caption_logits=caption_logits)
 
         config = self.config
-        losses = {"loss_reconstruction": F.l1_loss(self.generator(latents).float(), pixel_values.float())}
+        losses = {}
+        if config.reconstruction_loss_weight:
+            losses["loss_reconstruction"] = F.l1_loss(self.generator(latents).float(), pixel_values.float())
         if generated_pixel_values is not None:
             predicted = self.image_encoder(generated_pixel_values)
             losses["loss_latent"] = F.mse_loss(predicted.float(), generated_latents.float())

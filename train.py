@@ -474,7 +474,7 @@ def training_step(accelerator, networks, optimizers, pixel_values, input_ids, at
     # The reconstruction reached the generator's weights too; its own step starts from zeroed gradients.
     generator_optimizer.zero_grad(set_to_none=True)
 
-    losses = {name: outputs[name].detach().float() for name in ["loss", *ENCODER_LOSS_NAMES]}
+    losses = {name: outputs[name].detach().float() for name in ["loss", *ENCODER_LOSS_NAMES] if getattr(outputs, name) is not None}
     losses["loss_generator"] = loss_generator.detach().float()
     losses["loss_discriminator"] = loss_adversarial.detach().float()
     losses["loss_discriminator_reconstruction"] = loss_self_reconstruction.detach().float()
@@ -557,7 +557,8 @@ def validation_losses(model, cache, input_ids, attention_mask, batch_size):
             attention_mask[indices].to(model.device),
         )
         for name in names:
-            totals[name] += outputs[name].item() * len(indices)
+            if getattr(outputs, name) is not None:  # a weight of 0 skips its loss
+                totals[name] += outputs[name].item() * len(indices)
     return {f"val_{name}": total / len(cache) for name, total in totals.items()}
 
 

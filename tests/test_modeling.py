@@ -97,6 +97,11 @@ def test_every_loss_is_finite_and_the_total_is_their_weighted_sum(tiny_model, ti
         assert torch.isfinite(outputs[name]), name
     assert torch.allclose(outputs.loss, sum(weight * outputs[name] for name, weight in components.items()))
     assert outputs.latents.shape == outputs.text_latents.shape == (8, config.latent_size)
+    # A weight of 0 skips its loss, and the generator's pass it needs.
+    unweighted = EngravingModel(with_fields(config, reconstruction_loss_weight=0.0)).eval()
+    with torch.no_grad():
+        outputs = unweighted(images_to_pixel_values(images, 32), batch["input_ids"], batch["attention_mask"])
+    assert outputs.loss_reconstruction is None and torch.isfinite(outputs.loss)
 
 
 def test_forward_gives_losses_only_when_asked_and_changes_nothing(tiny_model, tiny_tokenizer):

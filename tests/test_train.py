@@ -195,3 +195,13 @@ def test_throughput_benchmark_times_the_compute_only_step_and_the_real_loop(tiny
     assert report["ratio"] == pytest.approx(
         report["train_loop_images_per_second"] / report["compute_only_images_per_second"], abs=1e-3
     )
+
+
+def test_a_loss_weighted_zero_is_skipped_in_training_and_validation(tiny_dataset_dir, tmp_path):
+    result = run_train(
+        tiny_dataset_dir, tmp_path / "run", "--max_train_steps", "2", "--config_overrides", "reconstruction_loss_weight=0"
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    record = json.loads((tmp_path / "run" / "metrics.json").read_text())[-1]
+    assert record["val_loss_reconstruction"] == 0.0 and record["val_loss_caption"] > 0
+    assert step_losses(tmp_path / "run")[2]
