@@ -124,6 +124,10 @@ def seeded_generators(seeds):
     return [torch.Generator().manual_seed(int(seed)) for seed in seeds]
 
 
+def group_norm(num_channels, num_groups=8):
+    """GroupNorm with the largest group count up to `num_groups` that divides `num_channels`."""
+    return nn.GroupNorm(math.gcd(num_groups, num_channels), num_channels)
+
 
 def widths_from(channels, num_levels):
     """Width at each of `num_levels + 1` resolutions, from the lowest up, repeating the last listed width."""
@@ -265,9 +269,9 @@ class EngravingResidualBlock(nn.Module):
 
     def __init__(self, in_channels, out_channels, num_groups=8):
         super().__init__()
-        self.norm1 = nn.GroupNorm(math.gcd(num_groups, in_channels), in_channels)
+        self.norm1 = group_norm(in_channels, num_groups)
         self.conv1 = nn.Conv2d(in_channels, out_channels, 3, padding=1)
-        self.norm2 = nn.GroupNorm(math.gcd(num_groups, out_channels), out_channels)
+        self.norm2 = group_norm(out_channels, num_groups)
         self.conv2 = nn.Conv2d(out_channels, out_channels, 3, padding=1)
         self.shortcut = nn.Conv2d(in_channels, out_channels, 1) if in_channels != out_channels else nn.Identity()
 
@@ -297,7 +301,7 @@ class EngravingImageEncoder(nn.Module):
             )
             for level in range(num_levels)
         )
-        self.norm_out = nn.GroupNorm(math.gcd(8, widths[-1]), widths[-1])
+        self.norm_out = group_norm(widths[-1])
         self.to_latent = nn.Linear(widths[-1] * 16, config.latent_size)
 
     def forward(self, pixel_values):
