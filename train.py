@@ -425,8 +425,12 @@ def average_gradients(accelerator, parameters):
         gradient.copy_(averaged)
 
 
-def optimizer_step(accelerator, optimizer, loss, parameters, max_grad_norm=None):
-    """Backward of `loss` into freshly zeroed gradients, averaged over processes, (clipped,) and one step."""
+def optimizer_step(accelerator, optimizer, loss, max_grad_norm=None):
+    """
+    Backward of `loss` into the optimizer's freshly zeroed gradients, averaged over processes, (clipped,) and one step
+    of the optimizer's own parameters.
+    """
+    parameters = [parameter for group in optimizer.param_groups for parameter in group["params"]]
     optimizer.zero_grad(set_to_none=True)
     accelerator.backward(loss)
     average_gradients(accelerator, parameters)
@@ -457,20 +461,20 @@ def training_step(accelerator, networks, optimizers, pixel_values, input_ids, at
         loss_discriminator = loss_adversarial + loss_self_reconstruction
     if not all_processes_finite(accelerator, loss_discriminator):
         return None
-    optimizer_step(accelerator, discriminator_optimizer, loss_discriminator, discriminator_optimizer.param_groups[0]["params"])
+    optimizer_step(accelerator, discriminator_optimizer, loss_discriminator)
 
     with accelerator.autocast():
         loss_generator = discriminator.generator_loss(generated)
     if not all_processes_finite(accelerator, loss_generator):
         return None
-    optimizer_step(accelerator, generator_optimizer, loss_generator, list(model.generator.parameters()))
+    optimizer_step(accelerator, generator_optimizer, loss_generator)
     generator_ema.update_parameters(model.generator)
 
     with accelerator.autocast():
         outputs = model(pixel_values, input_ids, attention_mask, generated.detach(), latents)
     if not all_processes_finite(accelerator, outputs.loss):
         return None
-    optimizer_step(accelerator, encoder_optimizer, outputs.loss, encoder_parameters(model), max_grad_norm)
+    optimizer_step(accelerator, encoder_optimizer, outputs.loss, max_grad_norm)
     # The reconstruction reached the generator's weights too; its own step starts from zeroed gradients.
     generator_optimizer.zero_grad(set_to_none=True)
 
