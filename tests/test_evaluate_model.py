@@ -13,7 +13,7 @@ import torch
 from PIL import Image, ImageFilter
 
 from conftest import REPO_ROOT, shape_pairs
-from engraving_features import ImageFeatureExtractor, SentenceEmbedder, images_to_uint8_batch
+from engraving_features import ImageFeatureExtractor, SentenceEmbedder, images_to_uint8_batch, kernel_inception_distance
 from evaluate_model import (
     caption_neighbour_agreement,
     load_splits,
@@ -65,6 +65,17 @@ def test_kid_is_about_zero_for_one_distribution_and_large_for_a_shifted_one():
 def test_kid_uses_smaller_subsets_when_there_are_fewer_samples():
     result = load_metric("kid").compute(predictions=gaussian_features(12), real_features=gaussian_features(40, seed=3))
     assert result["subset_size"] == 12
+
+
+def test_training_kid_is_the_evaluation_kid():
+    """train.py's KID clock (no `evaluate` on a bare GPU image) and evaluate_model.py's metric module agree exactly."""
+    generated, real = gaussian_features(60, shift=0.3), gaussian_features(50, seed=3)
+    metric = load_metric("kid").compute(predictions=generated, real_features=real, subset_size=40, num_subsets=20, seed=5)
+    kid, kid_std = kernel_inception_distance(
+        torch.from_numpy(generated), torch.from_numpy(real), subset_size=40, num_subsets=20, seed=5
+    )
+    assert kid == pytest.approx(metric["kid"], rel=1e-9) and kid_std == pytest.approx(metric["kid_std"], rel=1e-9)
+    assert kid > 0
 
 
 def test_fid_is_zero_for_identical_sets_and_exact_for_shifted_and_scaled_ones():
