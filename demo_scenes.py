@@ -22,6 +22,7 @@ from functools import lru_cache
 import numpy as np
 from PIL import Image, ImageChops, ImageDraw, ImageFilter
 
+
 PAPER_TONE = (236, 224, 199)
 INK_TONE = (34, 27, 24)
 SUPERSAMPLE = 2
@@ -166,7 +167,10 @@ class Plate:
     def wavy_line(self, x0, x1, y, amplitude, period, phase=0.0, width=None):
         steps = max(4, int((x1 - x0) / max(2, period / 6)))
         points = [
-            (x0 + (x1 - x0) * i / steps, y + amplitude * math.sin(phase + 2 * math.pi * (x1 - x0) * i / steps / period))
+            (
+                x0 + (x1 - x0) * i / steps,
+                y + amplitude * math.sin(phase + 2 * math.pi * (x1 - x0) * i / steps / period),
+            )
             for i in range(steps + 1)
         ]
         self.draw.line(points, fill=255, width=width or self.line)
@@ -200,9 +204,14 @@ def draw_sky_object(plate, scene, horizon, subject_x):
             angle = 2 * math.pi * k / 12
             inner, outer = r * 1.3, r * (1.8 if k % 2 else 2.2)
             plate.draw.line(
-                (cx + inner * math.cos(angle), cy + inner * math.sin(angle),
-                 cx + outer * math.cos(angle), cy + outer * math.sin(angle)),
-                fill=255, width=plate.line,
+                (
+                    cx + inner * math.cos(angle),
+                    cy + inner * math.sin(angle),
+                    cx + outer * math.cos(angle),
+                    cy + outer * math.sin(angle),
+                ),
+                fill=255,
+                width=plate.line,
             )
     elif scene.sky_object == "moon":
         plate.shape("ellipse", (cx - r * 0.4, cy - r * 0.3, cx - r * 0.05, cy + r * 0.05), 1, outline=False)
@@ -222,8 +231,9 @@ def draw_clouds(plate, scene, horizon):
     for _ in range(rng.randint(2, 4)):
         cx, cy = rng.uniform(0.0, 1.0) * plate.width, horizon * rng.uniform(0.15, 0.6)
         w, h = plate.px(rng.uniform(0.12, 0.22)), plate.px(rng.uniform(0.04, 0.07))
-        puffs = [(cx + rng.uniform(-1, 1) * w, cy + rng.uniform(-0.6, 0.3) * h, rng.uniform(0.6, 1.0) * h)
-                 for _ in range(5)]
+        puffs = [
+            (cx + rng.uniform(-1, 1) * w, cy + rng.uniform(-0.6, 0.3) * h, rng.uniform(0.6, 1.0) * h) for _ in range(5)
+        ]
         mask = plate.mask()
         for x, y, r in puffs:
             ImageDraw.Draw(mask).ellipse((x - r * 1.4, y - r, x + r * 1.4, y + r), fill=255)
@@ -279,27 +289,58 @@ def draw_ship(plate, cx, base, h, tilt):
         return [(cx + (x - cx) * c - (y - base) * s, base + (x - cx) * s + (y - base) * c) for x, y in points]
 
     w = h * 0.9
-    plate.shape("polygon", rotate([(cx - w / 2, base - h * 0.16), (cx + w / 2, base - h * 0.2),
-                                   (cx + w * 0.38, base), (cx - w * 0.4, base)]), 4)
+    plate.shape(
+        "polygon",
+        rotate(
+            [(cx - w / 2, base - h * 0.16), (cx + w / 2, base - h * 0.2), (cx + w * 0.38, base), (cx - w * 0.4, base)]
+        ),
+        4,
+    )
     for offset, height in ((-0.2, 0.8), (0.12, 1.0)):
         mx = cx + offset * w
         plate.draw.line(rotate([(mx, base - h * 0.16), (mx, base - h * height)]), fill=255, width=plate.line * 2)
         for top, bottom in ((height - 0.05, height * 0.62), (height * 0.58, 0.25)):
-            sail = [(mx - w * 0.17, base - h * top), (mx + w * 0.17, base - h * top),
-                    (mx + w * 0.2, base - h * bottom), (mx - w * 0.2, base - h * bottom)]
+            sail = [
+                (mx - w * 0.17, base - h * top),
+                (mx + w * 0.17, base - h * top),
+                (mx + w * 0.2, base - h * bottom),
+                (mx - w * 0.2, base - h * bottom),
+            ]
             plate.shape("polygon", rotate(sail), 1)
-    plate.draw.line(rotate([(cx + 0.12 * w, base - h), (cx + 0.12 * w + w * 0.1, base - h * 0.97)]),
-                    fill=255, width=plate.line * 2)
+    plate.draw.line(
+        rotate([(cx + 0.12 * w, base - h), (cx + 0.12 * w + w * 0.1, base - h * 0.97)]), fill=255, width=plate.line * 2
+    )
 
 
 def draw_lighthouse(plate, cx, base, h):
     w = h * 0.22
-    plate.shape("polygon", [(cx - w * 2, base + h * 0.05), (cx - w * 1.2, base - h * 0.12), (cx + w * 0.4, base - h * 0.15),
-                            (cx + w * 1.8, base - h * 0.02), (cx + w * 2.2, base + h * 0.06)], 3)
-    plate.shape("polygon", [(cx - w / 2, base - h * 0.1), (cx - w / 3, base - h * 0.8),
-                            (cx + w / 3, base - h * 0.8), (cx + w / 2, base - h * 0.1)], 0)
-    plate.shape("polygon", [(cx, base - h * 0.1), (cx, base - h * 0.8),
-                            (cx + w / 3, base - h * 0.8), (cx + w / 2, base - h * 0.1)], 2, outline=False)
+    plate.shape(
+        "polygon",
+        [
+            (cx - w * 2, base + h * 0.05),
+            (cx - w * 1.2, base - h * 0.12),
+            (cx + w * 0.4, base - h * 0.15),
+            (cx + w * 1.8, base - h * 0.02),
+            (cx + w * 2.2, base + h * 0.06),
+        ],
+        3,
+    )
+    plate.shape(
+        "polygon",
+        [
+            (cx - w / 2, base - h * 0.1),
+            (cx - w / 3, base - h * 0.8),
+            (cx + w / 3, base - h * 0.8),
+            (cx + w / 2, base - h * 0.1),
+        ],
+        0,
+    )
+    plate.shape(
+        "polygon",
+        [(cx, base - h * 0.1), (cx, base - h * 0.8), (cx + w / 3, base - h * 0.8), (cx + w / 2, base - h * 0.1)],
+        2,
+        outline=False,
+    )
     for k in range(1, 3):
         y = base - h * (0.1 + 0.7 * k / 3)
         plate.draw.line((cx - w * 0.45, y, cx + w * 0.45, y), fill=255, width=plate.line)
@@ -319,8 +360,16 @@ def draw_tower(plate, cx, base, h):
     for fy in (0.3, 0.6):
         y = base - h * fy
         plate.shape("rectangle", (cx - w * 0.1, y - h * 0.06, cx + w * 0.05, y + h * 0.03), 4)
-    plate.shape("polygon", [(cx - w * 0.15, base), (cx - w * 0.15, base - h * 0.12),
-                            (cx + w * 0.15, base - h * 0.12), (cx + w * 0.15, base)], 4)
+    plate.shape(
+        "polygon",
+        [
+            (cx - w * 0.15, base),
+            (cx - w * 0.15, base - h * 0.12),
+            (cx + w * 0.15, base - h * 0.12),
+            (cx + w * 0.15, base),
+        ],
+        4,
+    )
 
 
 def draw_house(plate, cx, base, h):
@@ -328,8 +377,16 @@ def draw_house(plate, cx, base, h):
     wall_top = base - h * 0.5
     plate.shape("rectangle", (cx - w / 2, wall_top, cx + w / 2, base), 1)
     plate.shape("rectangle", (cx + w / 2 - h * 0.28, base - h * 0.95, cx + w / 2 - h * 0.16, base - h * 0.6), 3)
-    plate.shape("polygon", [(cx - w * 0.58, wall_top), (cx - w * 0.3, base - h * 0.88),
-                            (cx + w * 0.3, base - h * 0.88), (cx + w * 0.58, wall_top)], 2)
+    plate.shape(
+        "polygon",
+        [
+            (cx - w * 0.58, wall_top),
+            (cx - w * 0.3, base - h * 0.88),
+            (cx + w * 0.3, base - h * 0.88),
+            (cx + w * 0.58, wall_top),
+        ],
+        2,
+    )
     plate.shape("rectangle", (cx - w * 0.08, base - h * 0.3, cx + w * 0.08, base), 4)
     for side in (-1, 1):
         x = cx + side * w * 0.28
@@ -338,8 +395,16 @@ def draw_house(plate, cx, base, h):
 
 def draw_tree(plate, cx, base, h):
     rng = plate.rng
-    plate.shape("polygon", [(cx - h * 0.06, base), (cx - h * 0.03, base - h * 0.5),
-                            (cx + h * 0.03, base - h * 0.5), (cx + h * 0.07, base)], 3)
+    plate.shape(
+        "polygon",
+        [
+            (cx - h * 0.06, base),
+            (cx - h * 0.03, base - h * 0.5),
+            (cx + h * 0.03, base - h * 0.5),
+            (cx + h * 0.07, base),
+        ],
+        3,
+    )
     mask = plate.mask()
     for _ in range(7):
         x, y = cx + rng.uniform(-0.22, 0.22) * h, base - h * rng.uniform(0.55, 0.8)
@@ -353,8 +418,11 @@ def draw_tree(plate, cx, base, h):
 
 def draw_windmill(plate, cx, base, h):
     w = h * 0.3
-    plate.shape("polygon", [(cx - w / 2, base), (cx - w / 3, base - h * 0.6),
-                            (cx + w / 3, base - h * 0.6), (cx + w / 2, base)], 1)
+    plate.shape(
+        "polygon",
+        [(cx - w / 2, base), (cx - w / 3, base - h * 0.6), (cx + w / 3, base - h * 0.6), (cx + w / 2, base)],
+        1,
+    )
     plate.shape("polygon", [(cx - w * 0.4, base - h * 0.6), (cx, base - h * 0.75), (cx + w * 0.4, base - h * 0.6)], 3)
     hub = (cx, base - h * 0.66)
     # Sails stand as a saltire, only slightly turned: a free rotation is a continuous factor that a few CPU minutes
@@ -364,9 +432,12 @@ def draw_windmill(plate, cx, base, h):
         a = start + k * math.pi / 2
         c, s = math.cos(a), math.sin(a)
         near, far, half = h * 0.05, h * 0.45, h * 0.11
-        sail = [(hub[0] + c * near - s * half, hub[1] + s * near + c * half),
-                (hub[0] + c * far - s * half, hub[1] + s * far + c * half),
-                (hub[0] + c * far, hub[1] + s * far), (hub[0] + c * near, hub[1] + s * near)]
+        sail = [
+            (hub[0] + c * near - s * half, hub[1] + s * near + c * half),
+            (hub[0] + c * far - s * half, hub[1] + s * far + c * half),
+            (hub[0] + c * far, hub[1] + s * far),
+            (hub[0] + c * near, hub[1] + s * near),
+        ]
         plate.shape("polygon", sail, 1)
         plate.draw.line((hub, (hub[0] + c * far, hub[1] + s * far)), fill=255, width=plate.line * 2)
     plate.shape("rectangle", (cx - w * 0.1, base - h * 0.18, cx + w * 0.1, base), 4)
@@ -375,7 +446,9 @@ def draw_windmill(plate, cx, base, h):
 def draw_bridge(plate, cx, base, h):
     span = h * 1.6
     left, right = cx - span / 2, cx + span / 2
-    plate.shape("rectangle", (left - span * 0.1, base + h * 0.02, right + span * 0.1, base + h * 0.22), 0, outline=False)
+    plate.shape(
+        "rectangle", (left - span * 0.1, base + h * 0.02, right + span * 0.1, base + h * 0.22), 0, outline=False
+    )
     for y in np.linspace(base + h * 0.05, base + h * 0.2, 4):
         plate.wavy_line(left - span * 0.1, right + span * 0.1, y, plate.line * 0.6, span / 5, phase=y)
     deck = plate.shape("rectangle", (left, base - h * 0.42, right, base + h * 0.12), 3)
@@ -386,8 +459,9 @@ def draw_bridge(plate, cx, base, h):
     arches = ImageChops.multiply(arches, deck)
     plate.paint(arches, 0)
     plate.ink.paste(255, mask=arches.filter(ImageFilter.FIND_EDGES))
-    plate.draw.line((left - span * 0.03, base - h * 0.42, right + span * 0.03, base - h * 0.42), fill=255,
-                    width=plate.line * 2)
+    plate.draw.line(
+        (left - span * 0.03, base - h * 0.42, right + span * 0.03, base - h * 0.42), fill=255, width=plate.line * 2
+    )
 
 
 def draw_secondary(plate, scene, horizon, subject_x):
@@ -397,12 +471,23 @@ def draw_secondary(plate, scene, horizon, subject_x):
         x = plate.px(away + rng.uniform(-0.06, 0.06))
         if name == "a rowing boat":
             y, w = horizon + plate.px(0.16), plate.px(0.1)
-            plate.shape("polygon", [(x - w, y - w * 0.2), (x + w, y - w * 0.25), (x + w * 0.7, y), (x - w * 0.7, y)], 3)
+            plate.shape(
+                "polygon", [(x - w, y - w * 0.2), (x + w, y - w * 0.25), (x + w * 0.7, y), (x - w * 0.7, y)], 3
+            )
             plate.draw.line((x, y - w * 0.2, x + w * 0.5, y - w * 0.7), fill=255, width=plate.line)
         elif name == "rocks":
             y, w = horizon + plate.px(0.3), plate.px(0.09)
-            plate.shape("polygon", [(x - w * 1.4, y), (x - w * 0.8, y - w * 0.7), (x - w * 0.1, y - w),
-                                    (x + w * 0.6, y - w * 0.5), (x + w * 1.3, y)], 3)
+            plate.shape(
+                "polygon",
+                [
+                    (x - w * 1.4, y),
+                    (x - w * 0.8, y - w * 0.7),
+                    (x - w * 0.1, y - w),
+                    (x + w * 0.6, y - w * 0.5),
+                    (x + w * 1.3, y),
+                ],
+                3,
+            )
         elif name == "pine trees":
             for k in range(3):
                 tx, ty, th = x + (k - 1) * plate.px(0.05), horizon + plate.px(0.05 + 0.02 * (k % 2)), plate.px(0.14)
@@ -411,8 +496,9 @@ def draw_secondary(plate, scene, horizon, subject_x):
             y = horizon + plate.px(0.33)
             x0, x1 = x - plate.px(0.15), x + plate.px(0.15)
             for rail in (0.03, 0.06):
-                plate.draw.line((x0, y - plate.px(rail), x1, y - plate.px(rail) + plate.px(0.02)), fill=255,
-                                width=plate.line)
+                plate.draw.line(
+                    (x0, y - plate.px(rail), x1, y - plate.px(rail) + plate.px(0.02)), fill=255, width=plate.line
+                )
             for k in range(6):
                 px = x0 + (x1 - x0) * k / 5
                 plate.draw.line((px, y + plate.px(0.01), px, y - plate.px(0.08)), fill=255, width=plate.line)
@@ -424,8 +510,18 @@ def draw_birds(plate, horizon, subject_x):
     for _ in range(rng.randint(3, 6)):
         x, y = cx + rng.uniform(-1, 1) * plate.px(0.12), cy + rng.uniform(-1, 1) * plate.px(0.07)
         s = plate.px(rng.uniform(0.025, 0.04))
-        plate.draw.line(((x - s, y - s * 0.5), (x - s * 0.4, y - s * 0.6), (x, y), (x + s * 0.4, y - s * 0.6),
-                         (x + s, y - s * 0.5)), fill=255, width=plate.line, joint="curve")
+        plate.draw.line(
+            (
+                (x - s, y - s * 0.5),
+                (x - s * 0.4, y - s * 0.6),
+                (x, y),
+                (x + s * 0.4, y - s * 0.6),
+                (x + s, y - s * 0.5),
+            ),
+            fill=255,
+            width=plate.line,
+            joint="curve",
+        )
 
 
 SUBJECT_DRAWERS = {
@@ -486,4 +582,3 @@ def render_scene(seed: int, image_size: int):
     plate.paint(ImageChops.invert(frame_interior(plate.width, margin)), 0)
     plate.draw.rectangle((margin, margin, plate.width - margin, plate.width - margin), outline=255, width=plate.line)
     return ink_on_paper(plate.ink, image_size, rng), scene.caption
-

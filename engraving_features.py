@@ -193,7 +193,9 @@ def kernel_inception_distance(features, real_features, subset_size=100, num_subs
         x = generated[torch.randperm(len(generated), generator=generator)[:subset_size]]
         y = real[torch.randperm(len(real), generator=generator)[:subset_size]]
         k_xx, k_yy, k_xy = kernel(x, x), kernel(y, y), kernel(x, y)
-        within = (k_xx.sum() - k_xx.diagonal().sum() + k_yy.sum() - k_yy.diagonal().sum()) / (subset_size * (subset_size - 1))
+        within = (k_xx.sum() - k_xx.diagonal().sum() + k_yy.sum() - k_yy.diagonal().sum()) / (
+            subset_size * (subset_size - 1)
+        )
         estimates.append((within - 2.0 * k_xy.mean()).item())
     estimates = torch.tensor(estimates)
     return estimates.mean().item(), estimates.std().item()

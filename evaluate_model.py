@@ -55,7 +55,9 @@ def parse_args(argv=None):
     )
 
     group = parser.add_argument_group("model and data")
-    group.add_argument("--model", default=None, help="Folder of a model saved with `save_pretrained` (with its tokenizer).")
+    group.add_argument(
+        "--model", default=None, help="Folder of a model saved with `save_pretrained` (with its tokenizer)."
+    )
     group.add_argument(
         "--model_outputs", default=None, help="Score this file of --save_model_outputs instead of running a model."
     )
@@ -78,7 +80,9 @@ def parse_args(argv=None):
 
     group = parser.add_argument_group("sampling")
     group.add_argument("--num_samples", type=int, default=200, help="Engravings drawn from seeds.")
-    group.add_argument("--seed", type=int, default=0, help="Samples use seeds seed, seed + 1, ...; also seeds subsets.")
+    group.add_argument(
+        "--seed", type=int, default=0, help="Samples use seeds seed, seed + 1, ...; also seeds subsets."
+    )
     group.add_argument(
         "--temperature", type=float, default=CAPTION_TEMPERATURE, help="Caption sampling temperature of `generate`."
     )
@@ -90,13 +94,20 @@ def parse_args(argv=None):
         help="Words decoded captions keep to: the model's `config.caption_words` as saved; the training split's words "
         "(for a model saved without them); or `none`, decoding free over the BPE vocabulary, to compare.",
     )
-    group.add_argument("--batch_size", type=int, default=32, help="Batch size of the model and of the feature extractor.")
+    group.add_argument(
+        "--batch_size", type=int, default=32, help="Batch size of the model and of the feature extractor."
+    )
 
     group = parser.add_argument_group("metrics")
-    group.add_argument("--kid_subset_size", type=int, default=100, help="Rows per KID subset (fewer if fewer samples).")
+    group.add_argument(
+        "--kid_subset_size", type=int, default=100, help="Rows per KID subset (fewer if fewer samples)."
+    )
     group.add_argument("--kid_num_subsets", type=int, default=100, help="KID subsets averaged.")
     group.add_argument(
-        "--num_neighbours", type=int, default=5, help="Nearest training images whose captions judge a sample's caption."
+        "--num_neighbours",
+        type=int,
+        default=5,
+        help="Nearest training images whose captions judge a sample's caption.",
     )
     group.add_argument(
         "--near_copy_quantile",
@@ -127,7 +138,9 @@ def parse_args(argv=None):
     group.add_argument(
         "--no_scoring", action="store_true", help="Stop after --save_model_outputs: no metric libraries are needed."
     )
-    group.add_argument("--jpeg_quality", type=int, default=95, help="JPEG quality of the images in --save_model_outputs.")
+    group.add_argument(
+        "--jpeg_quality", type=int, default=95, help="JPEG quality of the images in --save_model_outputs."
+    )
     group.add_argument("--output_dir", default="evaluation", help="Where report.json and report.md are written.")
     group.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="Torch device.")
 
@@ -191,7 +204,9 @@ def take(dataset, limit, seed):
 
 def model_view(dataset, image_size):
     """The split's images as the model sees them (fitted into `image_size` squares) and their captions."""
-    images = [resize_and_pad(image, image_size)[0] for image in tqdm(dataset["image"], desc="loading images", leave=False)]
+    images = [
+        resize_and_pad(image, image_size)[0] for image in tqdm(dataset["image"], desc="loading images", leave=False)
+    ]
     return images, list(dataset["caption"])
 
 
@@ -314,7 +329,11 @@ def caption_neighbour_agreement(caption_embeddings, features, train_features, tr
     partner[order] = order.roll(1)
     matched = torch.einsum("nd,nkd->nk", caption_embeddings, neighbour_embeddings).mean().item()
     shuffled = torch.einsum("nd,nkd->nk", caption_embeddings[partner], neighbour_embeddings).mean().item()
-    return {"caption_agreement": matched, "caption_agreement_shuffled": shuffled, "caption_agreement_gain": matched - shuffled}
+    return {
+        "caption_agreement": matched,
+        "caption_agreement_shuffled": shuffled,
+        "caption_agreement_gain": matched - shuffled,
+    }
 
 
 def image_distribution_scores(features, images, context, metrics, args):
@@ -328,7 +347,9 @@ def image_distribution_scores(features, images, context, metrics, args):
     )
     high_frequency = metrics["high_frequency_energy"].compute(predictions=images)["high_frequency_share"]
     return {
-        "fid": metrics["fid"].compute(predictions=features.numpy(), real_features=context["real_features"].numpy())["fid"],
+        "fid": metrics["fid"].compute(predictions=features.numpy(), real_features=context["real_features"].numpy())[
+            "fid"
+        ],
         "kid": kid["kid"],
         "kid_std": kid["kid_std"],
         "kid_x1000": kid["kid_x1000"],
@@ -340,7 +361,9 @@ def image_distribution_scores(features, images, context, metrics, args):
 def evaluate_samples(images, captions, context, metrics, args):
     """Every sample metric of one sampling row: distribution distances, detail, captions, agreement, memorisation."""
     features = context["extractor"](images, description="sample features")
-    caption_quality = metrics["caption_quality"].compute(predictions=captions, training_captions=context["train_captions"])
+    caption_quality = metrics["caption_quality"].compute(
+        predictions=captions, training_captions=context["train_captions"]
+    )
     agreement = caption_neighbour_agreement(
         context["embedder"](captions),
         features,
@@ -374,7 +397,9 @@ def render_markdown(report):
     sections = ("real_reference", "reconstruction", "validation_captions", "retrieval")
     for section in (name for name in sections if name in report):
         lines += ["", f"## {section.replace('_', ' ').capitalize()}", "", "| metric | value |", "| --- | --- |"]
-        lines += [f"| {key} | {format_value(value)} |" for key, value in report[section].items() if key != "example_captions"]
+        lines += [
+            f"| {key} | {format_value(value)} |" for key, value in report[section].items() if key != "example_captions"
+        ]
     rows = report["sampling"]
     names = list(rows)
     lines += ["", "## Sampling", "", "| metric | " + " | ".join(names) + " |", "| --- |" + " --- |" * len(names)]
@@ -382,12 +407,15 @@ def render_markdown(report):
         if key != "example_captions":
             lines.append(f"| {key} | " + " | ".join(format_value(rows[name][key]) for name in names) + " |")
     for name in names:
-        lines += ["", f"Example captions ({name}):", ""] + [f"- {caption}" for caption in rows[name]["example_captions"]]
+        lines += ["", f"Example captions ({name}):", ""] + [
+            f"- {caption}" for caption in rows[name]["example_captions"]
+        ]
     return "\n".join(lines) + "\n"
 
 
 def assert_finite(report):
     """Fails loudly if a metric came out NaN or infinite, rather than writing a report that hides it."""
+
     def walk(prefix, value):
         if isinstance(value, dict):
             for key, item in value.items():
@@ -463,7 +491,9 @@ def main(args):
         "train_features": extractor(train_bank_images, description="training features"),
         "train_captions": train_captions,
         "train_caption_embeddings": embedder(train_bank_captions),
-        "real_high_frequency_share": metrics["high_frequency_energy"].compute(predictions=real_images)["high_frequency_share"],
+        "real_high_frequency_share": metrics["high_frequency_energy"].compute(predictions=real_images)[
+            "high_frequency_share"
+        ],
     }
     context["near_copy_threshold"] = near_copy_threshold(context["train_features"], args.near_copy_quantile)
     real_reference = {
@@ -480,7 +510,9 @@ def main(args):
         **metrics["caption_quality"].compute(predictions=predicted_captions, training_captions=train_captions),
         "example_captions": predicted_captions[:5],
     }
-    sampling = {"samples": evaluate_samples(outputs["samples_images"], outputs["samples_captions"], context, metrics, args)}
+    sampling = {
+        "samples": evaluate_samples(outputs["samples_images"], outputs["samples_captions"], context, metrics, args)
+    }
     reconstruction_features = context["extractor"](outputs["reconstructions"], description="reconstruction features")
     reconstruction = {
         **metrics["reconstruction"].compute(predictions=outputs["reconstructions"], references=real_images),

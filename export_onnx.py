@@ -30,7 +30,9 @@ from generate import load_model
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description="Export an Engraving model's image decoder, image encoder and caption step.")
+    parser = argparse.ArgumentParser(
+        description="Export an Engraving model's image decoder, image encoder and caption step."
+    )
     parser.add_argument("--model", required=True, help="A folder written by train.py, or a Hub model id.")
     parser.add_argument("--output_dir", default="onnx", help="Where to write the .onnx files, tokenizer and config.")
     parser.add_argument("--opset", type=int, default=17, help="ONNX opset version.")

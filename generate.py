@@ -92,9 +92,7 @@ def parse_args(argv=None):
     sampling_group.add_argument("--batch_size", type=int, default=16, help="Images drawn per forward pass.")
 
     output_group = parser.add_argument_group("Output")
-    output_group.add_argument(
-        "--output_dir", default="generated", help="Where to write the PNGs and captions.jsonl."
-    )
+    output_group.add_argument("--output_dir", default="generated", help="Where to write the PNGs and captions.jsonl.")
     output_group.add_argument(
         "--grid", action="store_true", help="Also write grid.png: the engravings with their captions."
     )

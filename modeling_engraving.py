@@ -244,7 +244,10 @@ class EngravingGenerator(nn.Module):
         )
         # Level `l` is 4 * 2**l px; from 64 px (level 4) up, each is gated by the map four levels (16x) below it.
         self.excitations = nn.ModuleDict(
-            {str(level): EngravingSkipExcitation(widths[level - 4], widths[level]) for level in range(4, num_levels + 1)}
+            {
+                str(level): EngravingSkipExcitation(widths[level - 4], widths[level])
+                for level in range(4, num_levels + 1)
+            }
         )
         self.to_grey = nn.Conv2d(widths[-1], 1, 3, padding=1)
         self.to_yellowing = nn.Linear(config.latent_size, 1)
@@ -372,7 +375,9 @@ class EngravingDiscriminator(nn.Module):
         num_levels = int(math.log2(config.image_size // 16))
         widths = widths_from(config.discriminator_channels, num_levels)[::-1]  # from image_size / 2 down to 8 px
         self.stem = nn.Sequential(spectral_norm(nn.Conv2d(3, widths[0], 4, stride=2, padding=1)), nn.LeakyReLU(0.2))
-        self.blocks = nn.ModuleList(EngravingDownBlock(widths[level], widths[level + 1]) for level in range(num_levels))
+        self.blocks = nn.ModuleList(
+            EngravingDownBlock(widths[level], widths[level + 1]) for level in range(num_levels)
+        )
         self.head = nn.Sequential(
             spectral_norm(nn.Conv2d(widths[-1], widths[-1], 1, bias=False)),
             nn.BatchNorm2d(widths[-1]),
@@ -406,7 +411,9 @@ class EngravingDiscriminator(nn.Module):
         quarter = int(torch.randint(0, 4, ()))
         row, col = divmod(quarter, 2)
         half_features, half_image = features_16.shape[-1] // 2, real.shape[-1] // 2
-        features_quarter = features_16[..., row * half_features : (row + 1) * half_features, col * half_features : (col + 1) * half_features]
+        features_quarter = features_16[
+            ..., row * half_features : (row + 1) * half_features, col * half_features : (col + 1) * half_features
+        ]
         real_quarter = real[..., row * half_image : (row + 1) * half_image, col * half_image : (col + 1) * half_image]
         targets = (F.interpolate(real, size=size, mode="area"), F.interpolate(real_quarter, size=size, mode="area"))
         rebuilt = (self.decode_whole(features_8), self.decode_quarter(features_quarter))
@@ -416,7 +423,6 @@ class EngravingDiscriminator(nn.Module):
     def generator_loss(self, fake_pixel_values):
         """Hinge loss for the generator: raise the discriminator's score of its (augmented) images."""
         return -self(diff_augment(fake_pixel_values, self.augment_policy))[0].float().mean()
-
 
 
 class EngravingProjectedDiscriminator(nn.Module):
@@ -455,7 +461,10 @@ class EngravingProjectedDiscriminator(nn.Module):
             side = max(1, config.image_size // 4 // 2**scale)
             layers = []
             while side > 4:
-                layers += [spectral_norm(nn.Conv2d(self.MIXED_CHANNELS, self.MIXED_CHANNELS, 4, 2, 1)), nn.LeakyReLU(0.2)]
+                layers += [
+                    spectral_norm(nn.Conv2d(self.MIXED_CHANNELS, self.MIXED_CHANNELS, 4, 2, 1)),
+                    nn.LeakyReLU(0.2),
+                ]
                 side //= 2
             layers.append(spectral_norm(nn.Conv2d(self.MIXED_CHANNELS, 1, 1)))
             self.heads.append(nn.Sequential(*layers))
@@ -482,7 +491,10 @@ class EngravingProjectedDiscriminator(nn.Module):
         """Hinge loss of every scale on an augmented real and a (detached) generated batch; no reconstruction term."""
         real_logits = self(diff_augment(real_pixel_values, self.augment_policy))
         fake_logits = self(diff_augment(fake_pixel_values, self.augment_policy))
-        loss = sum(F.relu(1 - real.float()).mean() + F.relu(1 + fake.float()).mean() for real, fake in zip(real_logits, fake_logits))
+        loss = sum(
+            F.relu(1 - real.float()).mean() + F.relu(1 + fake.float()).mean()
+            for real, fake in zip(real_logits, fake_logits)
+        )
         return loss, torch.zeros((), device=loss.device)
 
     def generator_loss(self, fake_pixel_values):
@@ -506,7 +518,9 @@ class EngravingAttention(nn.Module):
         """
         batch, length, width = hidden_states.shape
         query, key, value = (
-            self.qkv(hidden_states).view(batch, length, 3, self.num_heads, width // self.num_heads).permute(2, 0, 3, 1, 4)
+            self.qkv(hidden_states)
+            .view(batch, length, 3, self.num_heads, width // self.num_heads)
+            .permute(2, 0, 3, 1, 4)
         )
         if cache is not None:
             if "key" in cache:
@@ -585,15 +599,17 @@ class EngravingCaptionDecoder(nn.Module):
         else:
             prefix = self.latent_to_prefix(latents).view(latents.shape[0], self.num_prefix_tokens, -1)
             hidden_states = torch.cat([prefix, token_embeddings], dim=1)
-        hidden_states = hidden_states + self.position_embedding.weight[past_length : past_length + hidden_states.shape[1]]
+        hidden_states = (
+            hidden_states + self.position_embedding.weight[past_length : past_length + hidden_states.shape[1]]
+        )
         for index, layer in enumerate(self.layers):
             # A cached step's new tokens come last, so they may attend to every position: no causal mask then.
-            hidden_states = layer(hidden_states, is_causal=not past_length, cache=None if cache is None else cache[index])
+            hidden_states = layer(
+                hidden_states, is_causal=not past_length, cache=None if cache is None else cache[index]
+            )
         if not past_length:
             hidden_states = hidden_states[:, self.num_prefix_tokens :]
         return self.lm_head(self.norm(hidden_states))
-
-
 
 
 class EngravingPreTrainedModel(PreTrainedModel):
@@ -673,7 +689,9 @@ class EngravingModel(EngravingPreTrainedModel):
     def from_pretrained(cls, pretrained_model_name_or_path, *model_args, **kwargs):
         model = super().from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
         hub_kwargs = {
-            key: kwargs[key] for key in ("cache_dir", "revision", "token", "local_files_only", "subfolder") if key in kwargs
+            key: kwargs[key]
+            for key in ("cache_dir", "revision", "token", "local_files_only", "subfolder")
+            if key in kwargs
         }
         try:
             # The code of this repo is already running, so its config may be trusted when the tokenizer reads it.
@@ -681,7 +699,9 @@ class EngravingModel(EngravingPreTrainedModel):
                 pretrained_model_name_or_path, trust_remote_code=True, **hub_kwargs
             )
         except (OSError, ValueError):
-            logger.warning(f"No tokenizer found with {pretrained_model_name_or_path}: pass `tokenizer=` to get captions.")
+            logger.warning(
+                f"No tokenizer found with {pretrained_model_name_or_path}: pass `tokenizer=` to get captions."
+            )
         return model
 
     def save_pretrained(self, save_directory, *args, **kwargs):
@@ -862,13 +882,23 @@ class EngravingModel(EngravingPreTrainedModel):
         """Caption strings -> `(batch, latent_size)` text latents: the alignment embedding, in the image latent space."""
         tokenizer = self._require_tokenizer(tokenizer)
         batch = tokenizer(
-            list(captions), padding=True, truncation=True, max_length=self.config.max_caption_length, return_tensors="pt"
+            list(captions),
+            padding=True,
+            truncation=True,
+            max_length=self.config.max_caption_length,
+            return_tensors="pt",
         )
         return self.encode_text(batch["input_ids"].to(self.device), batch["attention_mask"].to(self.device))
 
     @torch.no_grad()
     def generate(
-        self, seeds=None, num_samples=None, temperature=CAPTION_TEMPERATURE, top_p=CAPTION_TOP_P, tokenizer=None, batch_size=16
+        self,
+        seeds=None,
+        num_samples=None,
+        temperature=CAPTION_TEMPERATURE,
+        top_p=CAPTION_TOP_P,
+        tokenizer=None,
+        batch_size=16,
     ):
         """
         Draws new engravings with captions. Each seed's N(0, I) latent is drawn by the generator; its caption is
@@ -939,7 +969,9 @@ class EngravingModel(EngravingPreTrainedModel):
         latent_a, latent_b = self.seed_latents([seed_a, seed_b]).float()
         angle = torch.arccos((F.normalize(latent_a, dim=0) @ F.normalize(latent_b, dim=0)).clamp(-1 + 1e-6, 1 - 1e-6))
         weights = torch.linspace(0, 1, steps, device=latent_a.device)[:, None]
-        latents = (torch.sin((1 - weights) * angle) * latent_a + torch.sin(weights * angle) * latent_b) / torch.sin(angle)
+        latents = (torch.sin((1 - weights) * angle) * latent_a + torch.sin(weights * angle) * latent_b) / torch.sin(
+            angle
+        )
         pixel_values = self.decode_latents(latents.to(self.dtype))
         captions = self.caption_pixel_values(pixel_values, tokenizer)
         images = pixel_values_to_images(pixel_values)
@@ -1016,7 +1048,9 @@ class CaptionWordConstraint:
             return self.masks[open_word]
         allowed_ids = list(self.ending.get("", [])) if not open_word else []
         start = bisect.bisect_left(self.sorted_words, open_word)
-        for word in itertools.takewhile(lambda word: word.startswith(open_word), itertools.islice(self.sorted_words, start, None)):
+        for word in itertools.takewhile(
+            lambda word: word.startswith(open_word), itertools.islice(self.sorted_words, start, None)
+        ):
             rest = word[len(open_word) :]
             allowed_ids += self.ending.get(rest, [])
             for end in range(len(rest) + 1):

@@ -32,12 +32,12 @@ from pathlib import Path
 
 import kagglehub
 import numpy as np
-from datasets import Dataset, DatasetDict, Features, Image as ImageFeature, List, Value, load_dataset
-from PIL import Image, ImageOps, UnidentifiedImageError
-from tqdm.auto import tqdm
-
+from datasets import Dataset, DatasetDict, Features, List, Value, load_dataset
+from datasets import Image as ImageFeature
 from kagglehub.cache import Cache
 from kagglehub.handle import parse_dataset_handle
+from PIL import Image, ImageOps, UnidentifiedImageError
+from tqdm.auto import tqdm
 
 from demo_scenes import render_scene
 from modeling_engraving import resize_and_pad
@@ -73,45 +73,80 @@ def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
 
     source = parser.add_argument_group("source")
-    source.add_argument("--source", required=True,
-                        help="A folder (walked recursively), 'demo', 'kaggle:OWNER/DATASET[/versions/N]' or 'hf:REPO_ID'.")
-    source.add_argument("--include_class", action="append", default=[],
-                        help="Keep only files under a folder of this name (case-insensitive); repeatable.")
-    source.add_argument("--metadata", default=None,
-                        help="CSV, JSON or JSONL with a file_name column and optional title/description/source/caption.")
+    source.add_argument(
+        "--source",
+        required=True,
+        help="A folder (walked recursively), 'demo', 'kaggle:OWNER/DATASET[/versions/N]' or 'hf:REPO_ID'.",
+    )
+    source.add_argument(
+        "--include_class",
+        action="append",
+        default=[],
+        help="Keep only files under a folder of this name (case-insensitive); repeatable.",
+    )
+    source.add_argument(
+        "--metadata",
+        default=None,
+        help="CSV, JSON or JSONL with a file_name column and optional title/description/source/caption.",
+    )
     source.add_argument("--num_images", type=int, default=1000, help="How many procedural images --source demo makes.")
     source.add_argument("--seed", type=int, default=0, help="First seed of the demo scenes.")
 
     cleaning = parser.add_argument_group("cleaning")
     cleaning.add_argument("--min_size", type=int, default=64, help="Skip images whose shorter side is below this.")
-    cleaning.add_argument("--max_pixels", type=int, default=Image.MAX_IMAGE_PIXELS,
-                          help="Skip images with more pixels than this as decompression bombs.")
-    cleaning.add_argument("--near_duplicate_threshold", type=int, default=16,
-                          help="Hamming distance of the 256-bit pHash at or below which images are near duplicates; "
-                               "-1 turns near-duplicate removal off.")
+    cleaning.add_argument(
+        "--max_pixels",
+        type=int,
+        default=Image.MAX_IMAGE_PIXELS,
+        help="Skip images with more pixels than this as decompression bombs.",
+    )
+    cleaning.add_argument(
+        "--near_duplicate_threshold",
+        type=int,
+        default=16,
+        help="Hamming distance of the 256-bit pHash at or below which images are near duplicates; "
+        "-1 turns near-duplicate removal off.",
+    )
 
     processing = parser.add_argument_group("processing")
     processing.add_argument("--image_size", type=int, default=512, help="Side of the square output images.")
-    processing.add_argument("--jpeg_quality", type=int, default=JPEG_QUALITY,
-                            help="Quality of the JPEG files written for JPEG sources (lower it for a compact copy to carry).")
+    processing.add_argument(
+        "--jpeg_quality",
+        type=int,
+        default=JPEG_QUALITY,
+        help="Quality of the JPEG files written for JPEG sources (lower it for a compact copy to carry).",
+    )
     processing.add_argument("--num_proc", type=int, default=1, help="Worker processes for reading and resizing.")
-    processing.add_argument("--val_fraction", type=float, default=0.1, help="Fraction of images in the validation split.")
+    processing.add_argument(
+        "--val_fraction", type=float, default=0.1, help="Fraction of images in the validation split."
+    )
 
     captions = parser.add_argument_group("captions")
-    captions.add_argument("--captioner", choices=("metadata", "blip2", "none"), default="metadata",
-                          help="Where captions come from: the metadata (title), a BLIP-2 model, or nowhere.")
-    captions.add_argument("--captioner_model", default="Salesforce/blip2-opt-2.7b", help="BLIP-2 checkpoint or folder.")
+    captions.add_argument(
+        "--captioner",
+        choices=("metadata", "blip2", "none"),
+        default="metadata",
+        help="Where captions come from: the metadata (title), a BLIP-2 model, or nowhere.",
+    )
+    captions.add_argument(
+        "--captioner_model", default="Salesforce/blip2-opt-2.7b", help="BLIP-2 checkpoint or folder."
+    )
     captions.add_argument("--caption_batch_size", type=int, default=16, help="Images per BLIP-2 batch.")
     captions.add_argument("--max_caption_tokens", type=int, default=30, help="New tokens BLIP-2 may write.")
 
     output = parser.add_argument_group("output")
     output.add_argument("--output_dir", required=True, help="Where the dataset and its reports are written.")
     output.add_argument("--pretty_name", default="Engravings", help="Name shown on the dataset card.")
-    output.add_argument("--license", default=None,
-                        help="Hub licence id for the card (default: cc0-1.0 for the demo source, unknown otherwise).")
+    output.add_argument(
+        "--license",
+        default=None,
+        help="Hub licence id for the card (default: cc0-1.0 for the demo source, unknown otherwise).",
+    )
 
     hub = parser.add_argument_group("hub")
-    hub.add_argument("--push_to_hub", metavar="REPO_ID", default=None, help="Push the dataset and its card to this repo.")
+    hub.add_argument(
+        "--push_to_hub", metavar="REPO_ID", default=None, help="Push the dataset and its card to this repo."
+    )
     hub.add_argument("--private", action="store_true", help="Create the Hub repo as private.")
     hub.add_argument("--dry_run", action="store_true", help="List what --push_to_hub would upload, upload nothing.")
 
@@ -145,13 +180,17 @@ def download_kaggle(handle):
         return kagglehub.dataset_download(handle)
     reason = offline_reason("www.kaggle.com")
     if reason:
-        raise UserError(f"Cannot download kaggle:{handle} because {reason}; connect to the internet or pass the "
-                        "downloaded folder as --source.")
+        raise UserError(
+            f"Cannot download kaggle:{handle} because {reason}; connect to the internet or pass the "
+            "downloaded folder as --source."
+        )
     try:
         return kagglehub.dataset_download(handle)
     except Exception as error:
-        raise UserError(f"Cannot download kaggle:{handle} ({error.__class__.__name__}); check the handle and your "
-                        "Kaggle credentials (KAGGLE_USERNAME and KAGGLE_KEY).")
+        raise UserError(
+            f"Cannot download kaggle:{handle} ({error.__class__.__name__}); check the handle and your "
+            "Kaggle credentials (KAGGLE_USERNAME and KAGGLE_KEY)."
+        )
 
 
 def download_hub_dataset(repo_id, folder):
@@ -159,8 +198,10 @@ def download_hub_dataset(repo_id, folder):
     try:
         dataset = load_dataset(repo_id)
     except Exception as error:
-        raise UserError(f"Cannot load hf:{repo_id} ({error.__class__.__name__}); connect to the internet, check the "
-                        "repo id, or pass a local folder as --source.")
+        raise UserError(
+            f"Cannot load hf:{repo_id} ({error.__class__.__name__}); connect to the internet, check the "
+            "repo id, or pass a local folder as --source."
+        )
     os.makedirs(folder, exist_ok=True)
     with open(os.path.join(folder, "metadata.jsonl"), "w") as rows:
         for split, part in dataset.items():
@@ -317,7 +358,12 @@ def open_checked(path, settings):
     rotated = image.getexif().get(ORIENTATION_TAG, 1) in (5, 6, 7, 8)
     original_size = list(image.size[::-1] if rotated else image.size)
     if min(image.size) < settings["min_size"]:
-        return None, sha256, None, f"too small: {image.width}x{image.height} is below --min_size {settings['min_size']}"
+        return (
+            None,
+            sha256,
+            None,
+            f"too small: {image.width}x{image.height} is below --min_size {settings['min_size']}",
+        )
     try:
         image.draft(image.mode, (settings["image_size"], settings["image_size"]))
         image.load()
@@ -403,15 +449,26 @@ def remove_duplicates(records, threshold):
     hashes = np.zeros((len(records), 4), dtype=np.uint64)
     for record in records:
         if record["sha256"] in first_by_sha:
-            duplicates.append({"path": record["path"], "reason": "exact duplicate",
-                               "duplicate_of": first_by_sha[record["sha256"]]["path"]})
+            duplicates.append(
+                {
+                    "path": record["path"],
+                    "reason": "exact duplicate",
+                    "duplicate_of": first_by_sha[record["sha256"]]["path"],
+                }
+            )
             continue
         phash = np.asarray(record["phash"], dtype=np.uint64)
         distances = np.bitwise_count(hashes[: len(kept)] ^ phash).sum(axis=1)
         if threshold >= 0 and len(kept) and distances.min() <= threshold:
             closest = int(distances.argmin())
-            duplicates.append({"path": record["path"], "reason": f"near duplicate: pHash distance {distances[closest]}",
-                               "duplicate_of": kept[closest]["path"], "file_name": record["file_name"]})
+            duplicates.append(
+                {
+                    "path": record["path"],
+                    "reason": f"near duplicate: pHash distance {distances[closest]}",
+                    "duplicate_of": kept[closest]["path"],
+                    "file_name": record["file_name"],
+                }
+            )
             continue
         first_by_sha[record["sha256"]] = record
         hashes[len(kept)] = phash
@@ -435,8 +492,8 @@ def collapse_repeats(words):
     for size in range(6, 0, -1):
         index = 0
         while index + 2 * size <= len(words):
-            if words[index:index + size] == words[index + size:index + 2 * size]:
-                del words[index + size:index + 2 * size]
+            if words[index : index + size] == words[index + size : index + 2 * size]:
+                del words[index + size : index + 2 * size]
             else:
                 index += 1
     return words
@@ -446,7 +503,7 @@ def normalise_caption(text):
     """'An engraving depicting …' in sentence case, with repeated phrases collapsed."""
     text = clean_text(text).lower()
     if text.startswith(BLIP2_PROMPT.lower()):
-        text = text[len(BLIP2_PROMPT):]
+        text = text[len(BLIP2_PROMPT) :]
     words = collapse_repeats(text.split())
     return f"{BLIP2_PROMPT} {' '.join(words)}" if words else UNTITLED_CAPTION
 
@@ -476,12 +533,14 @@ def caption_with_blip2(records, image_dir, args):
             processor = Blip2Processor.from_pretrained(args.captioner_model)
             model = Blip2ForConditionalGeneration.from_pretrained(args.captioner_model, dtype=dtype).to(device).eval()
         except OSError as error:
-            raise UserError(f"Cannot load the BLIP-2 captioner {args.captioner_model} ({error.__class__.__name__}); "
-                            "download it first or pass a local folder as --captioner_model.")
+            raise UserError(
+                f"Cannot load the BLIP-2 captioner {args.captioner_model} ({error.__class__.__name__}); "
+                "download it first or pass a local folder as --captioner_model."
+            )
         with open(cache_path, "a") as handle:
             batches = range(0, len(todo), args.caption_batch_size)
             for start in tqdm(batches, desc="Captioning with BLIP-2", unit="batch"):
-                batch = todo[start:start + args.caption_batch_size]
+                batch = todo[start : start + args.caption_batch_size]
                 images = [Image.open(os.path.join(image_dir, record["file_name"])) for record in batch]
                 inputs = processor(images=images, text=[BLIP2_PROMPT] * len(batch), return_tensors="pt").to(device)
                 inputs["pixel_values"] = inputs["pixel_values"].to(dtype)
@@ -512,8 +571,14 @@ def compute_stats(records, image_size):
     coverage = np.array([r["ink_coverage"] for r in records])
 
     def distribution(values):
-        return {"min": float(values.min()), "median": float(np.median(values)), "mean": float(values.mean()),
-                "max": float(values.max()), "p05": float(np.percentile(values, 5)), "p95": float(np.percentile(values, 95))}
+        return {
+            "min": float(values.min()),
+            "median": float(np.median(values)),
+            "mean": float(values.mean()),
+            "max": float(values.max()),
+            "p05": float(np.percentile(values, 5)),
+            "p95": float(np.percentile(values, 95)),
+        }
 
     return {
         "count": len(records),
@@ -523,8 +588,10 @@ def compute_stats(records, image_size):
         "aspect_ratio": distribution(widths / heights),
         "channel_mean": [round(v, 3) for v in mean.tolist()],
         "channel_std": [round(v, 3) for v in np.sqrt(total_sq / pixels - mean**2).tolist()],
-        "ink_coverage": {**distribution(coverage),
-                         "definition": f"fraction of picture pixels with luminance < {INK_LUMINANCE}"},
+        "ink_coverage": {
+            **distribution(coverage),
+            "definition": f"fraction of picture pixels with luminance < {INK_LUMINANCE}",
+        },
     }
 
 
@@ -533,14 +600,16 @@ def build_rows(records, captions, metadata, source_label):
     rows = []
     for record in records:
         row = metadata_row(metadata, record["path"])
-        rows.append({
-            "file_name": record["file_name"],
-            "caption": captions[record["sha256"]],
-            "title": clean_text(row.get("title")),
-            "source": clean_text(row.get("source")) or source_label or record["path"],
-            "original_size": record["original_size"],
-            "sha256": record["sha256"],
-        })
+        rows.append(
+            {
+                "file_name": record["file_name"],
+                "caption": captions[record["sha256"]],
+                "title": clean_text(row.get("title")),
+                "source": clean_text(row.get("source")) or source_label or record["path"],
+                "original_size": record["original_size"],
+                "sha256": record["sha256"],
+            }
+        )
     return rows
 
 
@@ -557,8 +626,10 @@ def write_annotations(output_dir, splits, records):
     for split, rows in splits.items():
         write_jsonl(os.path.join(output_dir, split, "metadata.jsonl"), rows)
         short = "train" if split == "train" else "val"
-        write_jsonl(os.path.join(output_dir, "captions", f"engraving_{short}.jsonl"),
-                    [{**row, "file_name": f"{split}/{row['file_name']}"} for row in rows])
+        write_jsonl(
+            os.path.join(output_dir, "captions", f"engraving_{short}.jsonl"),
+            [{**row, "file_name": f"{split}/{row['file_name']}"} for row in rows],
+        )
         for row, record in zip(rows, records[split]):
             per_image[f"{split}/{row['file_name']}"] = {
                 "source_path": record["path"],
@@ -571,19 +642,22 @@ def write_annotations(output_dir, splits, records):
 
 def build_dataset_dict(output_dir, splits):
     """A DatasetDict whose images are embedded PNG bytes, so it does not depend on the image files."""
-    features = Features({
-        "image": ImageFeature(),
-        "caption": Value("string"),
-        "title": Value("string"),
-        "source": Value("string"),
-        "original_size": List(Value("int64")),
-        "sha256": Value("string"),
-    })
+    features = Features(
+        {
+            "image": ImageFeature(),
+            "caption": Value("string"),
+            "title": Value("string"),
+            "source": Value("string"),
+            "original_size": List(Value("int64")),
+            "sha256": Value("string"),
+        }
+    )
     parts = {}
     for split, rows in splits.items():
         columns = {name: [row[name] for row in rows] for name in features if name != "image"}
-        columns["image"] = [{"bytes": Path(output_dir, split, row["file_name"]).read_bytes(), "path": row["file_name"]}
-                            for row in rows]
+        columns["image"] = [
+            {"bytes": Path(output_dir, split, row["file_name"]).read_bytes(), "path": row["file_name"]} for row in rows
+        ]
         parts[split] = Dataset.from_dict(columns, features=features)
     return DatasetDict(parts)
 
@@ -599,7 +673,7 @@ task_categories:
 - text-to-image
 - image-to-text
 size_categories:
-- {size_category(stats['count'])}
+- {size_category(stats["count"])}
 pretty_name: {args.pretty_name}
 tags:
 - engraving
@@ -608,8 +682,8 @@ tags:
 
 # {args.pretty_name}
 
-{stats['count']} engravings at {args.image_size}x{args.image_size} px with one caption each:
-{len(splits['train'])} in `train` and {len(splits['validation'])} in `validation`.
+{stats["count"]} engravings at {args.image_size}x{args.image_size} px with one caption each:
+{len(splits["train"])} in `train` and {len(splits["validation"])} in `validation`.
 
 ## Columns
 | column | meaning |
@@ -622,15 +696,15 @@ tags:
 | sha256 | SHA-256 of the source file (of the rendered pixels for the demo source) |
 
 ## Statistics
-- Original width: median {width['median']:.0f} px (range {width['min']:.0f}-{width['max']:.0f});
-  height: median {height['median']:.0f} px (range {height['min']:.0f}-{height['max']:.0f}).
-- Per-channel mean (RGB, 0-255): {stats['channel_mean']}; std: {stats['channel_std']}.
+- Original width: median {width["median"]:.0f} px (range {width["min"]:.0f}-{width["max"]:.0f});
+  height: median {height["median"]:.0f} px (range {height["min"]:.0f}-{height["max"]:.0f}).
+- Per-channel mean (RGB, 0-255): {stats["channel_mean"]}; std: {stats["channel_std"]}.
 - Ink coverage (share of picture pixels with luminance below {INK_LUMINANCE}):
-  median {stats['ink_coverage']['median']:.3f}.
+  median {stats["ink_coverage"]["median"]:.3f}.
 
 ## How it was made
 Made with `prepare_dataset.py --source {args.source} --captioner {args.captioner} --image_size {args.image_size}`.
-Of {report['total_files']} candidate files, {report['kept']} were kept. Images were converted to RGB (palette, alpha,
+Of {report["total_files"]} candidate files, {report["kept"]} were kept. Images were converted to RGB (palette, alpha,
 CMYK and 16-bit modes normalised, EXIF rotation applied), resized keeping their aspect ratio and padded to a square
 with the paper tone estimated from their border. Exact duplicates (same SHA-256) and near duplicates (256-bit pHash
 within {args.near_duplicate_threshold} bits) were removed. The validation split holds the {args.val_fraction:.0%} of
@@ -670,14 +744,22 @@ def push_to_hub(dataset_dict, args):
                 if shard:
                     split, index, num_shards = shard
                     os.makedirs(os.path.join(folder, "data"), exist_ok=True)
-                    dataset_dict[split].shard(num_shards, index, contiguous=True).to_parquet(os.path.join(folder, path))
+                    dataset_dict[split].shard(num_shards, index, contiguous=True).to_parquet(
+                        os.path.join(folder, path)
+                    )
             api = HfApi()
             api.create_repo(args.push_to_hub, repo_type="dataset", private=args.private, exist_ok=True)
-            api.upload_folder(repo_id=args.push_to_hub, repo_type="dataset", folder_path=folder,
-                              commit_message="Upload dataset made with prepare_dataset.py")
+            api.upload_folder(
+                repo_id=args.push_to_hub,
+                repo_type="dataset",
+                folder_path=folder,
+                commit_message="Upload dataset made with prepare_dataset.py",
+            )
     except Exception as error:
-        raise UserError(f"Could not push to the Hub dataset repo {args.push_to_hub} ({error.__class__.__name__}); the "
-                        f"local dataset in {args.output_dir} is complete, so log in and rerun with network access.")
+        raise UserError(
+            f"Could not push to the Hub dataset repo {args.push_to_hub} ({error.__class__.__name__}); the "
+            f"local dataset in {args.output_dir} is complete, so log in and rerun with network access."
+        )
     print(f"Pushed {len(plan)} files to https://huggingface.co/datasets/{args.push_to_hub}")
 
 
@@ -686,9 +768,9 @@ def resolve_source(args):
     if args.source == "demo":
         return [(f"demo/{seed:06d}.png", None, seed) for seed in range(args.seed, args.seed + args.num_images)], []
     if args.source.startswith("kaggle:"):
-        root = download_kaggle(args.source[len("kaggle:"):])
+        root = download_kaggle(args.source[len("kaggle:") :])
     elif args.source.startswith("hf:"):
-        root = download_hub_dataset(args.source[len("hf:"):], os.path.join(args.output_dir, "source"))
+        root = download_hub_dataset(args.source[len("hf:") :], os.path.join(args.output_dir, "source"))
         args.metadata = args.metadata or os.path.join(root, "metadata.jsonl")
     else:
         root = args.source
@@ -733,32 +815,45 @@ def main(args):
         captioner_note = f"written by BLIP-2 ({args.captioner_model}) prompted with '{BLIP2_PROMPT}'"
     elif args.captioner == "metadata":
         captions = {r["sha256"]: r.get("caption") or metadata_caption(metadata_row(metadata, r["path"])) for r in kept}
-        captioner_note = "'An engraving depicting <title>' from the metadata, else built from the source or description"
+        captioner_note = (
+            "'An engraving depicting <title>' from the metadata, else built from the source or description"
+        )
     else:
         captions = {r["sha256"]: "" for r in kept}
         captioner_note = "empty: this is an image-only dataset"
 
     train, validation = split_by_hash(kept, args.val_fraction)
     for record in validation:
-        os.replace(os.path.join(args.output_dir, "train", record["file_name"]),
-                   os.path.join(args.output_dir, "validation", record["file_name"]))
+        os.replace(
+            os.path.join(args.output_dir, "train", record["file_name"]),
+            os.path.join(args.output_dir, "validation", record["file_name"]),
+        )
     source_label = "demo" if args.source == "demo" else None
-    splits = {"train": build_rows(train, captions, metadata, source_label),
-              "validation": build_rows(validation, captions, metadata, source_label)}
+    splits = {
+        "train": build_rows(train, captions, metadata, source_label),
+        "validation": build_rows(validation, captions, metadata, source_label),
+    }
     write_annotations(args.output_dir, splits, {"train": train, "validation": validation})
 
     stats = compute_stats(kept, args.image_size)
     Path(args.output_dir, "stats.json").write_text(json.dumps(stats, indent=2))
     reasons = dict(Counter(entry["reason"].split(":")[0] for entry in skipped))
-    report = {"total_files": len(items), "kept": len(kept), "skipped_by_reason": reasons, "skipped": skipped,
-              "ignored_non_image_files": ignored}
+    report = {
+        "total_files": len(items),
+        "kept": len(kept),
+        "skipped_by_reason": reasons,
+        "skipped": skipped,
+        "ignored_non_image_files": ignored,
+    }
     Path(args.output_dir, "report.json").write_text(json.dumps(report, indent=2, ensure_ascii=False))
     write_dataset_card(os.path.join(args.output_dir, "README.md"), args, stats, report, splits, captioner_note)
 
     dataset_dict = build_dataset_dict(args.output_dir, splits)
     dataset_dict.save_to_disk(os.path.join(args.output_dir, "dataset"))
-    print(f"{report['total_files']} files: kept {report['kept']} (train {len(train)}, validation {len(validation)}), "
-          f"skipped {len(skipped)}" + "".join(f"\n  {reason}: {count}" for reason, count in reasons.items()))
+    print(
+        f"{report['total_files']} files: kept {report['kept']} (train {len(train)}, validation {len(validation)}), "
+        f"skipped {len(skipped)}" + "".join(f"\n  {reason}: {count}" for reason, count in reasons.items())
+    )
     if ignored:
         print(f"Ignored {len(ignored)} files without an image extension (listed in report.json).")
     print(f"Wrote {args.output_dir}")

@@ -44,9 +44,13 @@ def train_tokenizer(texts, vocab_size=8000, min_frequency=2):
 
 def parse_args():
     parser = argparse.ArgumentParser(description="Train the caption tokenizer on a saved DatasetDict's captions.")
-    parser.add_argument("--dataset_path", required=True, help="A DatasetDict saved with save_to_disk, with a `caption` column.")
+    parser.add_argument(
+        "--dataset_path", required=True, help="A DatasetDict saved with save_to_disk, with a `caption` column."
+    )
     parser.add_argument("--output_dir", required=True, help="Where to save the tokenizer.")
-    parser.add_argument("--vocab_size", type=int, default=8000, help="Largest vocabulary size, special tokens included.")
+    parser.add_argument(
+        "--vocab_size", type=int, default=8000, help="Largest vocabulary size, special tokens included."
+    )
     parser.add_argument("--split", default="train", help="Which split's captions to train on.")
     return parser.parse_args()
 

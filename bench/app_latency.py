@@ -37,7 +37,9 @@ from tokenization_engraving import train_tokenizer  # noqa: E402
 def parse_args():
     parser = argparse.ArgumentParser(description="Time one engraving and its caption, part by part.")
     parser.add_argument("--preset", default="base", help="Model preset: base (512 px), small or tiny.")
-    parser.add_argument("--vocab_size", type=int, default=8000, help="Tokenizer size; the caption head scales with it.")
+    parser.add_argument(
+        "--vocab_size", type=int, default=8000, help="Tokenizer size; the caption head scales with it."
+    )
     parser.add_argument("--runs", type=int, default=7, help="Timed runs after one warm-up; the median is reported.")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch intra-op threads.")
     parser.add_argument(
@@ -110,7 +112,11 @@ def main():
     with torch.inference_mode(), autocast:
         for name, function in parts.items():
             seconds, result = median_seconds(function, args.runs)
-            detail = f"  ({result[0]} tokens, {1000 * seconds / result[0]:.1f} ms/token)" if name == "caption decoding" else ""
+            detail = (
+                f"  ({result[0]} tokens, {1000 * seconds / result[0]:.1f} ms/token)"
+                if name == "caption decoding"
+                else ""
+            )
             print(f"{name:>32}: {1000 * seconds:8.1f} ms median of {args.runs}{detail}")
 
 

@@ -40,11 +40,15 @@ FIRST_RENDER_SEED = 10_000_000
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description="Subject and position agreement of a demo model's images and captions.")
+    parser = argparse.ArgumentParser(
+        description="Subject and position agreement of a demo model's images and captions."
+    )
     parser.add_argument("--model", required=True, help="A demo model folder written by train.py (with its tokenizer).")
     parser.add_argument("--num_samples", type=int, default=200, help="Seed samples per row (seeds 0..N-1).")
     parser.add_argument("--num_train_renders", type=int, default=6000, help="Renders the classifier trains on.")
-    parser.add_argument("--num_heldout_renders", type=int, default=500, help="Held-out renders (ceiling and reconstructions).")
+    parser.add_argument(
+        "--num_heldout_renders", type=int, default=500, help="Held-out renders (ceiling and reconstructions)."
+    )
     parser.add_argument("--classifier_epochs", type=int, default=6, help="Classifier training epochs.")
     parser.add_argument("--seed", type=int, default=0, help="Seeds the classifier's initialisation and augmentation.")
     parser.add_argument("--output_json", default=None, help="Optional path for a JSON summary.")
@@ -72,7 +76,11 @@ class SubjectClassifier(nn.Module):
         super().__init__()
         layers, channels = [], 3
         for out_channels in (width, width * 2, width * 4, width * 4):
-            layers += [nn.Conv2d(channels, out_channels, 3, stride=2, padding=1), nn.GroupNorm(8, out_channels), nn.ReLU()]
+            layers += [
+                nn.Conv2d(channels, out_channels, 3, stride=2, padding=1),
+                nn.GroupNorm(8, out_channels),
+                nn.ReLU(),
+            ]
             channels = out_channels
         self.features = nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten())
         self.subject_head = nn.Linear(channels, len(SUBJECTS))
@@ -110,7 +118,9 @@ def train_classifier(pixel_values, subjects, positions, epochs, seed, batch_size
     for _ in range(epochs):
         for batch in torch.randperm(len(pixel_values), generator=generator).split(batch_size):
             subject_logits, position_logits = classifier(blur_randomly(pixel_values[batch], generator))
-            loss = F.cross_entropy(subject_logits, subjects[batch]) + F.cross_entropy(position_logits, positions[batch])
+            loss = F.cross_entropy(subject_logits, subjects[batch]) + F.cross_entropy(
+                position_logits, positions[batch]
+            )
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -152,7 +162,11 @@ def labelled_images(images, captions, image_size):
     """Pixel values and (subject, position) labels of the images whose caption names both, and that share of them."""
     labels = [caption_subject_and_position(caption) for caption in captions]
     named = [i for i, (subject, position) in enumerate(labels) if subject and position]
-    pixel_values = images_to_pixel_values([images[i] for i in named], image_size) if named else torch.empty(0, 3, image_size, image_size)
+    pixel_values = (
+        images_to_pixel_values([images[i] for i in named], image_size)
+        if named
+        else torch.empty(0, 3, image_size, image_size)
+    )
     subjects = torch.tensor([SUBJECTS.index(labels[i][0]) for i in named], dtype=torch.long)
     positions = torch.tensor([POSITIONS.index(labels[i][1]) for i in named], dtype=torch.long)
     return pixel_values, subjects, positions, len(named) / max(1, len(captions))
@@ -183,7 +197,9 @@ def main(args):
     heldout_seeds = range(train_seeds.stop, train_seeds.stop + args.num_heldout_renders)
     classifier = train_classifier(*render_labelled(train_seeds, image_size)[:3], args.classifier_epochs, args.seed)
 
-    heldout_pixel_values, heldout_subjects, heldout_positions, heldout_captions = render_labelled(heldout_seeds, image_size)
+    heldout_pixel_values, heldout_subjects, heldout_positions, heldout_captions = render_labelled(
+        heldout_seeds, image_size
+    )
     with torch.no_grad():
         reconstructions = torch.cat(
             [model.decode_latents(model.encode_images(chunk)).clamp(-1, 1) for chunk in heldout_pixel_values.split(64)]

@@ -17,6 +17,7 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import prepare_dataset  # noqa: E402
@@ -24,10 +25,14 @@ import prepare_dataset  # noqa: E402
 
 def parse_args():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--data_dir", default="../shared/data/engravings", help="Folder with images/ and metadata.csv.")
+    parser.add_argument(
+        "--data_dir", default="../shared/data/engravings", help="Folder with images/ and metadata.csv."
+    )
     parser.add_argument("--image_size", type=int, default=512, help="Side of the square output images.")
     parser.add_argument("--num_proc", type=int, default=2, help="Worker processes, as in prepare_dataset.py.")
-    parser.add_argument("--output_dir", default=None, help="Where the dataset is written (default: a temporary folder).")
+    parser.add_argument(
+        "--output_dir", default=None, help="Where the dataset is written (default: a temporary folder)."
+    )
     parser.add_argument("--results_file", default=None, help="Append the result as a JSON line to this file.")
     args = parser.parse_args()
     if not os.path.isfile(os.path.join(args.data_dir, "metadata.csv")):
@@ -36,9 +41,20 @@ def parse_args():
 
 
 def run_timed(args, output_dir):
-    argv = ["--source", args.data_dir, "--metadata", os.path.join(args.data_dir, "metadata.csv"),
-            "--captioner", "metadata", "--output_dir", output_dir, "--image_size", str(args.image_size),
-            "--num_proc", str(args.num_proc)]
+    argv = [
+        "--source",
+        args.data_dir,
+        "--metadata",
+        os.path.join(args.data_dir, "metadata.csv"),
+        "--captioner",
+        "metadata",
+        "--output_dir",
+        output_dir,
+        "--image_size",
+        str(args.image_size),
+        "--num_proc",
+        str(args.num_proc),
+    ]
     start = time.perf_counter()
     prepare_dataset.main(prepare_dataset.parse_args(argv))
     return time.perf_counter() - start

@@ -45,17 +45,43 @@ from train import parse_args as parse_train_args  # noqa: E402
 
 
 def parse_args():
-    parser = argparse.ArgumentParser(description="Images/s of the compute-only training step and of train.py's real loop.")
+    parser = argparse.ArgumentParser(
+        description="Images/s of the compute-only training step and of train.py's real loop."
+    )
     parser.add_argument("--preset", default="base", help="Model preset.")
     parser.add_argument("--image_size", type=int, default=512, help="Image size.")
     parser.add_argument("--train_batch_size", type=int, default=64, help="Images per step.")
     parser.add_argument("--num_steps", type=int, default=20, help="Timed steps of each measurement.")
-    parser.add_argument("--warmup_steps", type=int, default=10, help="Untimed steps first (compilation, allocator, cuDNN autotuning); rounded up to a multiple of --num_steps.")
-    parser.add_argument("--mixed_precision", default="bf16" if torch.cuda.is_available() else "no", choices=["no", "fp16", "bf16"], help="Autocast precision.")
-    parser.add_argument("--config_overrides", nargs="*", default=[], metavar="KEY=VALUE", help="EngravingConfig fields for both measurements, e.g. encoder_channels=[8,16,32,64,128,256,256,256].")
-    parser.add_argument("--compute_only", action="store_true", help="Measure (a) only, e.g. to compare model variants.")
-    parser.add_argument("--dataset_path", default=None, help="A prepared dataset for (b); default: a procedural demo dataset made here.")
-    parser.add_argument("--num_images", type=int, default=512, help="Size of the procedural demo dataset, without --dataset_path.")
+    parser.add_argument(
+        "--warmup_steps",
+        type=int,
+        default=10,
+        help="Untimed steps first (compilation, allocator, cuDNN autotuning); rounded up to a multiple of --num_steps.",
+    )
+    parser.add_argument(
+        "--mixed_precision",
+        default="bf16" if torch.cuda.is_available() else "no",
+        choices=["no", "fp16", "bf16"],
+        help="Autocast precision.",
+    )
+    parser.add_argument(
+        "--config_overrides",
+        nargs="*",
+        default=[],
+        metavar="KEY=VALUE",
+        help="EngravingConfig fields for both measurements, e.g. encoder_channels=[8,16,32,64,128,256,256,256].",
+    )
+    parser.add_argument(
+        "--compute_only", action="store_true", help="Measure (a) only, e.g. to compare model variants."
+    )
+    parser.add_argument(
+        "--dataset_path",
+        default=None,
+        help="A prepared dataset for (b); default: a procedural demo dataset made here.",
+    )
+    parser.add_argument(
+        "--num_images", type=int, default=512, help="Size of the procedural demo dataset, without --dataset_path."
+    )
     parser.add_argument("--output_dir", default=None, help="Working folder (default: a temporary one).")
     parser.add_argument("--output_json", default=None, help="Also write the results here.")
     return parser.parse_args()
@@ -63,7 +89,14 @@ def parse_args():
 
 def make_demo_dataset(args, output_dir):
     path = output_dir / "demo_data"
-    command = [sys.executable, str(REPO_ROOT / "prepare_dataset.py"), "--source", "demo", "--num_images", str(args.num_images)]
+    command = [
+        sys.executable,
+        str(REPO_ROOT / "prepare_dataset.py"),
+        "--source",
+        "demo",
+        "--num_images",
+        str(args.num_images),
+    ]
     command += ["--image_size", str(args.image_size), "--output_dir", str(path)]
     subprocess.run(command, check=True, capture_output=True)
     return path
@@ -71,10 +104,31 @@ def make_demo_dataset(args, output_dir):
 
 def train_flags(args, dataset_path, output_dir, total_steps):
     """train.py flags shared by both measurements: no evaluation or checkpoints."""
-    flags = ["--dataset_path", str(dataset_path), "--output_dir", str(output_dir / "train"), "--cache_dir", str(output_dir / "cache")]
-    flags += ["--preset", args.preset, "--image_size", str(args.image_size), "--train_batch_size", str(args.train_batch_size)]
+    flags = [
+        "--dataset_path",
+        str(dataset_path),
+        "--output_dir",
+        str(output_dir / "train"),
+        "--cache_dir",
+        str(output_dir / "cache"),
+    ]
+    flags += [
+        "--preset",
+        args.preset,
+        "--image_size",
+        str(args.image_size),
+        "--train_batch_size",
+        str(args.train_batch_size),
+    ]
     flags += ["--mixed_precision", args.mixed_precision, "--max_train_steps", str(total_steps)]
-    flags += ["--logging_steps", str(args.num_steps), "--validation_epochs", "1000000", "--checkpointing_steps", "1000000000"]
+    flags += [
+        "--logging_steps",
+        str(args.num_steps),
+        "--validation_epochs",
+        "1000000",
+        "--checkpointing_steps",
+        "1000000000",
+    ]
     flags += ["--num_validation_samples", "1", "--report_to", "none"]
     if args.config_overrides:
         flags += ["--config_overrides", *args.config_overrides]
@@ -105,7 +159,9 @@ def compute_only_images_per_second(train_args, warmup_steps, num_steps):
     attention_mask = torch.ones_like(input_ids)
 
     def step():
-        training_step(accelerator, networks, optimizers, pixel_values, input_ids, attention_mask, train_args.max_grad_norm)
+        training_step(
+            accelerator, networks, optimizers, pixel_values, input_ids, attention_mask, train_args.max_grad_norm
+        )
 
     for index in range(warmup_steps + num_steps):
         if index == warmup_steps:
@@ -147,7 +203,9 @@ def main():
         "image_size": args.image_size,
         "train_batch_size": args.train_batch_size,
         "mixed_precision": args.mixed_precision,
-        "device": torch.cuda.get_device_name() if device.startswith("cuda") else f"{platform.processor() or 'cpu'} x{torch.get_num_threads()} threads",
+        "device": torch.cuda.get_device_name()
+        if device.startswith("cuda")
+        else f"{platform.processor() or 'cpu'} x{torch.get_num_threads()} threads",
         "timed_steps": args.num_steps,
         "config_overrides": args.config_overrides,
         "training_gflop_per_image": round(flops_per_image / 1e9, 2),

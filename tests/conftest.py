@@ -84,7 +84,8 @@ def tiny_model_dir(tiny_model, tmp_path_factory):
 @pytest.fixture(scope="session")
 def tiny_dataset_dir(tmp_path_factory):
     """A DatasetDict saved at `<dir>/dataset` with `train` (24 rows) and `validation` (8 rows) splits of shapes."""
-    from datasets import Dataset, DatasetDict, Features, Image as ImageFeature, Value
+    from datasets import Dataset, DatasetDict, Features, Value
+    from datasets import Image as ImageFeature
 
     rng = np.random.default_rng(0)
     features = Features({"image": ImageFeature(), "caption": Value("string")})

@@ -11,8 +11,9 @@ from PIL import Image
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 os.environ.setdefault("NO_PROXY", "localhost,127.0.0.1")
 
-import app  # noqa: E402
 from conftest import shape_picture  # noqa: E402
+
+import app  # noqa: E402
 
 
 CHROMIUM = Path("/usr/bin/chromium")
@@ -97,7 +98,11 @@ def test_caption_endpoint_captions_an_uploaded_picture(client, tmp_path):
         ("/generate", (app.MAX_SEED + 1,), "Seed must be a whole number from 0"),
         ("/batch", (0, app.MAX_BATCH_SIZE + 1), f"greater than maximum value {app.MAX_BATCH_SIZE}"),
         ("/batch", (app.MAX_SEED, 2), "The last seed must be"),
-        ("/interpolate", (0, 1, app.MAX_INTERPOLATION_STEPS + 1), f"greater than maximum value {app.MAX_INTERPOLATION_STEPS}"),
+        (
+            "/interpolate",
+            (0, 1, app.MAX_INTERPOLATION_STEPS + 1),
+            f"greater than maximum value {app.MAX_INTERPOLATION_STEPS}",
+        ),
         ("/imagine", ("   ", 0, 0.5), "Write a caption of 1 to"),
     ],
 )
@@ -125,7 +130,9 @@ def test_an_oversize_upload_is_refused(client, tmp_path):
         client.predict(handle_file(str(tmp_path / "huge.png")), api_name="/caption")
 
 
-@pytest.mark.skipif(not CHROMIUM.exists(), reason="Debian's chromium is not installed at /usr/bin/chromium (apt-get install chromium).")
+@pytest.mark.skipif(
+    not CHROMIUM.exists(), reason="Debian's chromium is not installed at /usr/bin/chromium (apt-get install chromium)."
+)
 def test_clicking_generate_shows_an_engraving_and_its_caption(app_url, tmp_path):
     sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed")
     with sync_api.sync_playwright() as playwright:

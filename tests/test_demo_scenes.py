@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 from datasets import load_from_disk
 
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import prepare_dataset  # noqa: E402
@@ -60,9 +61,22 @@ def test_demo_renders_at_least_50_images_per_second_at_128px_on_one_core():
 
 
 def test_demo_source_makes_a_dataset_train_py_can_load(tmp_path):
-    prepare_dataset.main(prepare_dataset.parse_args(
-        ["--source", "demo", "--num_images", "20", "--image_size", "32", "--min_size", "8", "--output_dir", str(tmp_path)]
-    ))
+    prepare_dataset.main(
+        prepare_dataset.parse_args(
+            [
+                "--source",
+                "demo",
+                "--num_images",
+                "20",
+                "--image_size",
+                "32",
+                "--min_size",
+                "8",
+                "--output_dir",
+                str(tmp_path),
+            ]
+        )
+    )
     dataset = load_from_disk(str(tmp_path / "dataset"))
     assert (dataset["train"].num_rows, dataset["validation"].num_rows) == (18, 2)
     example = dataset["train"][0]
@@ -75,10 +89,24 @@ def test_recognisability_benchmark_scores_a_saved_model(tiny_model_dir, tmp_path
     import demo_recognisability
 
     report = tmp_path / "recognisability.json"
-    demo_recognisability.main(demo_recognisability.parse_args([
-        "--model", str(tiny_model_dir), "--num_samples", "4", "--num_train_renders", "48",
-        "--num_heldout_renders", "16", "--classifier_epochs", "1", "--output_json", str(report),
-    ]))
+    demo_recognisability.main(
+        demo_recognisability.parse_args(
+            [
+                "--model",
+                str(tiny_model_dir),
+                "--num_samples",
+                "4",
+                "--num_train_renders",
+                "48",
+                "--num_heldout_renders",
+                "16",
+                "--classifier_epochs",
+                "1",
+                "--output_json",
+                str(report),
+            ]
+        )
+    )
     rows = json.loads(report.read_text())["rows"]
     assert list(rows) == [
         "held-out renders (ceiling)",

@@ -10,10 +10,15 @@ import evaluate
 import numpy as np
 import pytest
 import torch
+from conftest import REPO_ROOT, shape_pairs
 from PIL import Image, ImageFilter
 
-from conftest import REPO_ROOT, shape_pairs
-from engraving_features import ImageFeatureExtractor, SentenceEmbedder, images_to_uint8_batch, kernel_inception_distance
+from engraving_features import (
+    ImageFeatureExtractor,
+    SentenceEmbedder,
+    images_to_uint8_batch,
+    kernel_inception_distance,
+)
 from evaluate_model import (
     caption_neighbour_agreement,
     load_splits,
@@ -38,7 +43,9 @@ def shifted_shape_pictures(count, seed):
     rng = np.random.default_rng(seed)
     pictures = [image for image, _ in shape_pairs(64)]
     return [
-        Image.fromarray(np.roll(np.asarray(pictures[rng.integers(len(pictures))]), rng.integers(-6, 7, size=2), axis=(0, 1)))
+        Image.fromarray(
+            np.roll(np.asarray(pictures[rng.integers(len(pictures))]), rng.integers(-6, 7, size=2), axis=(0, 1))
+        )
         for _ in range(count)
     ]
 
@@ -55,7 +62,9 @@ def gaussian_features(count, shift=0.0, seed=0):
 def test_kid_is_about_zero_for_one_distribution_and_large_for_a_shifted_one():
     kid = load_metric("kid")
     same = kid.compute(predictions=gaussian_features(300, seed=1), real_features=gaussian_features(250, seed=2))
-    shifted = kid.compute(predictions=gaussian_features(300, shift=0.5, seed=1), real_features=gaussian_features(250, seed=2))
+    shifted = kid.compute(
+        predictions=gaussian_features(300, shift=0.5, seed=1), real_features=gaussian_features(250, seed=2)
+    )
     assert shifted["kid"] > 0.1
     assert abs(same["kid"]) < 0.05 * shifted["kid"]
     assert shifted["kid_x1000"] == pytest.approx(1000 * shifted["kid"])
@@ -70,7 +79,9 @@ def test_kid_uses_smaller_subsets_when_there_are_fewer_samples():
 def test_training_kid_is_the_evaluation_kid():
     """train.py's KID clock (no `evaluate` on a bare GPU image) and evaluate_model.py's metric module agree exactly."""
     generated, real = gaussian_features(60, shift=0.3), gaussian_features(50, seed=3)
-    metric = load_metric("kid").compute(predictions=generated, real_features=real, subset_size=40, num_subsets=20, seed=5)
+    metric = load_metric("kid").compute(
+        predictions=generated, real_features=real, subset_size=40, num_subsets=20, seed=5
+    )
     kid, kid_std = kernel_inception_distance(
         torch.from_numpy(generated), torch.from_numpy(real), subset_size=40, num_subsets=20, seed=5
     )
@@ -126,15 +137,21 @@ def test_reconstruction_scores_are_perfect_for_identical_images_and_drop_with_bl
     reconstruction = load_metric("reconstruction")
     originals = real_pictures[:4]
     perfect = reconstruction.compute(predictions=originals, references=originals)
-    blurred = reconstruction.compute(predictions=[p.filter(ImageFilter.GaussianBlur(3)) for p in originals], references=originals)
+    blurred = reconstruction.compute(
+        predictions=[p.filter(ImageFilter.GaussianBlur(3)) for p in originals], references=originals
+    )
     assert perfect["psnr"] == pytest.approx(100.0) and perfect["ssim"] == pytest.approx(1.0)
     assert 5 < blurred["psnr"] < 40 and blurred["ssim"] < 0.95
 
 
 def test_bleu_is_one_for_an_exact_caption_and_smoothed_and_length_penalised_otherwise():
     bleu = load_metric("bleu")
-    exact = bleu.compute(predictions=["An engraving of a ship at sea."], references=[["An engraving of a ship at sea."]])
-    short = bleu.compute(predictions=["An engraving of a ship"], references=[["an engraving of a ship at sea", "a ship"]])
+    exact = bleu.compute(
+        predictions=["An engraving of a ship at sea."], references=[["An engraving of a ship at sea."]]
+    )
+    short = bleu.compute(
+        predictions=["An engraving of a ship"], references=[["an engraving of a ship at sea", "a ship"]]
+    )
     unrelated = bleu.compute(predictions=["Portrait of a bishop"], references=[["An engraving of a ship at sea"]])
     assert exact["bleu"] == pytest.approx(1.0)
     # Every n-gram matches; the closest reference has 7 words against 5: BP = exp(1 - 7/5).
@@ -160,7 +177,8 @@ def test_caption_quality_flags_missing_prefix_cut_off_endings_and_loops():
     # Only the copy uses no word outside "an engraving of a ship at sea"; none is new and readable.
     assert (result["known_words"], result["novel_known_words"]) == (0.25, 0.0)
     recombined = quality.compute(
-        predictions=["An engraving of a ship", "An engraving of a shpi"], training_captions=["An engraving of a ship at sea"]
+        predictions=["An engraving of a ship", "An engraving of a shpi"],
+        training_captions=["An engraving of a ship at sea"],
     )
     assert (recombined["copied"], recombined["known_words"], recombined["novel_known_words"]) == (0.0, 0.5, 0.5)
     repeated = quality.compute(predictions=["An engraving of a ship"] * 4)
@@ -218,8 +236,16 @@ def test_bad_paths_and_splits_are_reported_in_one_sentence(
 ):
     paths = {"model": tiny_model_dir, "data": tiny_dataset_dir}
     args = parse_args(
-        ["--model", str(paths.get(model, tmp_path / model)), "--dataset_path", str(paths.get(dataset, tmp_path / dataset)),
-         "--split", split, "--output_dir", str(tmp_path / "out")]
+        [
+            "--model",
+            str(paths.get(model, tmp_path / model)),
+            "--dataset_path",
+            str(paths.get(dataset, tmp_path / dataset)),
+            "--split",
+            split,
+            "--output_dir",
+            str(tmp_path / "out"),
+        ]
     )
     with pytest.raises(SystemExit, match=message):
         main(args)
@@ -229,8 +255,22 @@ def test_report_of_a_tiny_model_has_every_metric_for_every_sampling_row_and_all_
     tiny_model_dir, tiny_dataset_dir, tmp_path
 ):
     args = parse_args(
-        ["--model", str(tiny_model_dir), "--dataset_path", str(tiny_dataset_dir), "--num_samples", "6",
-         "--kid_num_subsets", "10", "--max_train_images", "12", "--output_dir", str(tmp_path), "--feature_extractor", "efficientnet-lite0"]
+        [
+            "--model",
+            str(tiny_model_dir),
+            "--dataset_path",
+            str(tiny_dataset_dir),
+            "--num_samples",
+            "6",
+            "--kid_num_subsets",
+            "10",
+            "--max_train_images",
+            "12",
+            "--output_dir",
+            str(tmp_path),
+            "--feature_extractor",
+            "efficientnet-lite0",
+        ]
     )
     main(args)
     report = json.loads((tmp_path / "report.json").read_text())
@@ -238,9 +278,23 @@ def test_report_of_a_tiny_model_has_every_metric_for_every_sampling_row_and_all_
     assert report["feature_extractor"].startswith("efficientnet-lite0")
     assert set(report["sampling"]) == {"samples"}
     for row in report["sampling"].values():
-        for key in ("fid", "kid", "kid_x1000", "high_frequency_ratio", "caption_well_formed", "caption_distinct_1",
-                    "caption_distinct_2", "caption_copied", "caption_known_words", "caption_novel_known_words", "caption_agreement", "caption_agreement_shuffled",
-                    "caption_agreement_gain", "nearest_train_distance_mean", "near_copy_share"):
+        for key in (
+            "fid",
+            "kid",
+            "kid_x1000",
+            "high_frequency_ratio",
+            "caption_well_formed",
+            "caption_distinct_1",
+            "caption_distinct_2",
+            "caption_copied",
+            "caption_known_words",
+            "caption_novel_known_words",
+            "caption_agreement",
+            "caption_agreement_shuffled",
+            "caption_agreement_gain",
+            "nearest_train_distance_mean",
+            "near_copy_share",
+        ):
             assert math.isfinite(row[key]), key
         assert len(row["example_captions"]) == 5
     for section, keys in {
@@ -257,12 +311,29 @@ def test_report_of_a_tiny_model_has_every_metric_for_every_sampling_row_and_all_
 
 
 @pytest.mark.parametrize("caption_words", ["train", "none"])
-def test_caption_words_keep_captions_to_the_training_split_or_free(caption_words, tiny_model_dir, tiny_dataset_dir, tmp_path):
+def test_caption_words_keep_captions_to_the_training_split_or_free(
+    caption_words, tiny_model_dir, tiny_dataset_dir, tmp_path
+):
     """The tiny model is untrained: only the constraint keeps its token soup to words of the training captions."""
     args = parse_args(
-        ["--model", str(tiny_model_dir), "--dataset_path", str(tiny_dataset_dir), "--num_samples", "6",
-         "--kid_num_subsets", "10", "--max_train_images", "12", "--output_dir", str(tmp_path), "--feature_extractor",
-         "efficientnet-lite0", "--caption_words", caption_words]
+        [
+            "--model",
+            str(tiny_model_dir),
+            "--dataset_path",
+            str(tiny_dataset_dir),
+            "--num_samples",
+            "6",
+            "--kid_num_subsets",
+            "10",
+            "--max_train_images",
+            "12",
+            "--output_dir",
+            str(tmp_path),
+            "--feature_extractor",
+            "efficientnet-lite0",
+            "--caption_words",
+            caption_words,
+        ]
     )
     report = main(args)
     assert report["caption_words"] == caption_words
@@ -274,19 +345,61 @@ def test_outputs_saved_without_the_metric_libraries_score_like_a_direct_run(
     tiny_model_dir, tiny_dataset_dir, tiny_image_folder_dir, without_datasets_library, tmp_path
 ):
     """The GPU-side half (no `datasets`, no `evaluate`, ImageFolder data) and the scoring half give the direct report."""
-    common = ["--num_samples", "6", "--kid_num_subsets", "10", "--max_train_images", "12", "--feature_extractor",
-              "efficientnet-lite0", "--jpeg_quality", "100"]
+    common = [
+        "--num_samples",
+        "6",
+        "--kid_num_subsets",
+        "10",
+        "--max_train_images",
+        "12",
+        "--feature_extractor",
+        "efficientnet-lite0",
+        "--jpeg_quality",
+        "100",
+    ]
     saved = tmp_path / "outputs.npz"
-    command = [sys.executable, str(REPO_ROOT / "evaluate_model.py"), "--model", str(tiny_model_dir), "--dataset_path",
-               str(tiny_image_folder_dir), "--save_model_outputs", str(saved), "--no_scoring", *common]
+    command = [
+        sys.executable,
+        str(REPO_ROOT / "evaluate_model.py"),
+        "--model",
+        str(tiny_model_dir),
+        "--dataset_path",
+        str(tiny_image_folder_dir),
+        "--save_model_outputs",
+        str(saved),
+        "--no_scoring",
+        *common,
+    ]
     environment = {**os.environ, "OMP_NUM_THREADS": "1", **without_datasets_library}
     result = subprocess.run(command, env=environment, capture_output=True, text=True, timeout=240)
     assert result.returncode == 0, result.stderr[-3000:]
 
-    direct = main(parse_args(["--model", str(tiny_model_dir), "--dataset_path", str(tiny_dataset_dir),
-                              "--output_dir", str(tmp_path / "direct"), *common]))
-    scored = main(parse_args(["--model_outputs", str(saved), "--dataset_path", str(tiny_dataset_dir),
-                              "--output_dir", str(tmp_path / "scored"), *common]))
+    direct = main(
+        parse_args(
+            [
+                "--model",
+                str(tiny_model_dir),
+                "--dataset_path",
+                str(tiny_dataset_dir),
+                "--output_dir",
+                str(tmp_path / "direct"),
+                *common,
+            ]
+        )
+    )
+    scored = main(
+        parse_args(
+            [
+                "--model_outputs",
+                str(saved),
+                "--dataset_path",
+                str(tiny_dataset_dir),
+                "--output_dir",
+                str(tmp_path / "scored"),
+                *common,
+            ]
+        )
+    )
 
     assert scored["retrieval"] == direct["retrieval"]
     assert scored["validation_captions"] == direct["validation_captions"]

@@ -57,7 +57,9 @@ def test_onnx_graphs_reproduce_a_seeds_engraving_and_greedy_caption(onnx_dir, ex
         logits = np.where(word_constraint.allowed_tokens(open_word).numpy(), logits, -np.inf)
         input_ids = np.concatenate([input_ids, logits.argmax(-1)[:, None]], axis=1)
         open_word = word_constraint.next_open_word(open_word, int(input_ids[0, -1]))
-    caption = word_constraint.drop_half_spelt_word(model.tokenizer.decode(input_ids[0], skip_special_tokens=True).strip())
+    caption = word_constraint.drop_half_spelt_word(
+        model.tokenizer.decode(input_ids[0], skip_special_tokens=True).strip()
+    )
 
     expected = model.generate(seeds=[11], temperature=0.0)
     image = pixel_values_to_images(torch.from_numpy(pixel_values))[0]

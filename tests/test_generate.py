@@ -4,10 +4,10 @@ import json
 
 import numpy as np
 import pytest
+from conftest import shape_picture
 from PIL import Image
 
 import generate
-from conftest import shape_picture
 
 
 def read_records(output_dir):
@@ -62,7 +62,9 @@ def test_a_caption_is_drawn_once_per_seed_as_imagine_draws_it(tiny_model, tiny_m
 def test_a_picture_gets_its_caption_and_its_engraved_reconstruction(tiny_model, tiny_model_dir, tmp_path):
     picture, _ = shape_picture("cross", "right", size=48)
     picture.save(tmp_path / "cross.png")
-    generate.main(["--model", str(tiny_model_dir), "--image", str(tmp_path / "cross.png"), "--output_dir", str(tmp_path)])
+    generate.main(
+        ["--model", str(tiny_model_dir), "--image", str(tmp_path / "cross.png"), "--output_dir", str(tmp_path)]
+    )
     [record] = read_records(tmp_path)
     assert record["source"] == str(tmp_path / "cross.png")
     assert record["caption"] == tiny_model.caption(picture)[0]
@@ -87,7 +89,9 @@ def test_bad_arguments_stop_with_one_clear_sentence(tiny_model_dir, tmp_path, ca
 def test_an_unreadable_picture_or_model_stops_with_one_clear_sentence(tiny_model_dir, tmp_path):
     (tmp_path / "notes.jpg").write_text("not a picture")
     with pytest.raises(SystemExit, match="notes.jpg is not an image that can be read"):
-        generate.main(["--model", str(tiny_model_dir), "--image", str(tmp_path / "notes.jpg"), "--output_dir", str(tmp_path)])
+        generate.main(
+            ["--model", str(tiny_model_dir), "--image", str(tmp_path / "notes.jpg"), "--output_dir", str(tmp_path)]
+        )
     with pytest.raises(SystemExit, match="Could not load an Engraving model from"):
         generate.main(["--model", str(tmp_path / "missing"), "--output_dir", str(tmp_path)])
 

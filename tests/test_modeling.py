@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import shape_pairs, tiny_training_captions
 
 from configuration_engraving import EngravingConfig
-from conftest import REPO_ROOT, shape_pairs, tiny_training_captions
 from modeling_engraving import (
     WORD_PATTERN,
     CaptionWordConstraint,
@@ -84,7 +84,9 @@ def test_every_loss_is_finite_and_the_total_is_their_weighted_sum(tiny_model, ti
     latents = torch.randn(4, tiny_model.config.latent_size)
     with torch.no_grad():
         generated = tiny_model.decode_latents(latents)
-        outputs = tiny_model(images_to_pixel_values(images, 32), batch["input_ids"], batch["attention_mask"], generated, latents)
+        outputs = tiny_model(
+            images_to_pixel_values(images, 32), batch["input_ids"], batch["attention_mask"], generated, latents
+        )
     config = tiny_model.config
     components = {
         "loss_reconstruction": config.reconstruction_loss_weight,
@@ -109,7 +111,9 @@ def test_forward_gives_losses_only_when_asked_and_changes_nothing(tiny_model, ti
     batch = tiny_tokenizer(list(captions), padding=True, return_tensors="pt")
     before = {name: tensor.clone() for name, tensor in tiny_model.state_dict().items()}
     with torch.no_grad():
-        outputs = tiny_model(images_to_pixel_values(images, 32), batch["input_ids"], batch["attention_mask"], return_loss=False)
+        outputs = tiny_model(
+            images_to_pixel_values(images, 32), batch["input_ids"], batch["attention_mask"], return_loss=False
+        )
     assert outputs.loss is None and outputs.loss_caption is None
     assert outputs.caption_logits.shape[:2] == (8, batch["input_ids"].shape[1] - 1)
     assert all(torch.equal(tensor, before[name]) for name, tensor in tiny_model.state_dict().items())
@@ -183,14 +187,18 @@ def test_a_batch_of_seeds_equals_the_same_seeds_one_by_one(tiny_model):
     assert batched.captions == [output.captions[0] for output in single]
     assert torch.equal(batched.latents, torch.cat([output.latents for output in single]))
     for image, output in zip(batched.images, single):
-        difference = (torch.tensor(np.asarray(image), dtype=torch.int16) - torch.tensor(np.asarray(output.images[0]))).abs()
+        difference = (
+            torch.tensor(np.asarray(image), dtype=torch.int16) - torch.tensor(np.asarray(output.images[0]))
+        ).abs()
         # Batched convolutions may round a few pixels to the neighbouring grey level.
         assert difference.max() <= 1 and (difference > 0).float().mean() < 0.01
 
 
 def test_a_seeds_latent_is_its_normal_draw_and_its_caption_is_that_of_its_drawing(tiny_model):
     output = tiny_model.generate(seeds=[5], temperature=0.0)
-    assert torch.equal(output.latents[0], torch.randn(tiny_model.config.latent_size, generator=torch.Generator().manual_seed(5)))
+    assert torch.equal(
+        output.latents[0], torch.randn(tiny_model.config.latent_size, generator=torch.Generator().manual_seed(5))
+    )
     with torch.no_grad():
         drawing = tiny_model.decode_latents(output.latents)
     assert output.captions == tiny_model.caption_latents(tiny_model.encode_images(drawing))
@@ -253,7 +261,10 @@ def test_cached_caption_decoding_matches_running_the_whole_caption(tiny_model):
     full = tiny_model.caption_decoder(latents, tiny_model.token_embedding(ids))
     cache = [{} for _ in tiny_model.caption_decoder.layers]
     steps = [tiny_model.caption_decoder(latents, tiny_model.token_embedding(ids[:, :1]), cache)]
-    steps += [tiny_model.caption_decoder(latents, tiny_model.token_embedding(ids[:, i : i + 1]), cache) for i in range(1, ids.shape[1])]
+    steps += [
+        tiny_model.caption_decoder(latents, tiny_model.token_embedding(ids[:, i : i + 1]), cache)
+        for i in range(1, ids.shape[1])
+    ]
     assert torch.allclose(torch.cat(steps, dim=1), full, atol=1e-5)
 
 
@@ -278,12 +289,16 @@ def test_word_constraint_follows_words_across_token_boundaries(tiny_tokenizer):
     assert constraint.drop_half_spelt_word("An engraving depicting a shi") == "An engraving depicting a"
     # The masks, built from the words, allow exactly the tokens that next_open_word lets through.
     for open_word in sorted(constraint.prefixes) + ["x", "shipx"]:
-        reference = [constraint.next_open_word(open_word, token_id) is not None for token_id in range(len(tiny_tokenizer))]
+        reference = [
+            constraint.next_open_word(open_word, token_id) is not None for token_id in range(len(tiny_tokenizer))
+        ]
         mask = constraint.allowed_tokens(open_word).tolist()
         assert mask[: tiny_tokenizer.eos_token_id] + mask[tiny_tokenizer.eos_token_id + 1 :] == (
             reference[: tiny_tokenizer.eos_token_id] + reference[tiny_tokenizer.eos_token_id + 1 :]
         ), open_word
-    bounded = CaptionWordConstraint(words, tiny_tokenizer, len(tiny_tokenizer), tiny_tokenizer.eos_token_id, max_cached_masks=2)
+    bounded = CaptionWordConstraint(
+        words, tiny_tokenizer, len(tiny_tokenizer), tiny_tokenizer.eos_token_id, max_cached_masks=2
+    )
     for open_word in ["", "s", "sh", "ship"]:
         assert torch.equal(bounded.allowed_tokens(open_word), constraint.allowed_tokens(open_word))
     assert list(bounded.masks) == ["sh", "ship"]
@@ -334,7 +349,9 @@ def test_save_and_load_in_a_fresh_process_gives_identical_outputs(tiny_model, ti
     config = json.loads((tiny_model_dir / "config.json").read_text())
     assert config["auto_map"]["AutoModel"] == "modeling_engraving.EngravingModel"
     assert (tiny_model_dir / "model.safetensors").exists()
-    assert (tiny_model_dir / "modeling_engraving.py").exists() and (tiny_model_dir / "configuration_engraving.py").exists()
+    assert (tiny_model_dir / "modeling_engraving.py").exists() and (
+        tiny_model_dir / "configuration_engraving.py"
+    ).exists()
 
     expected = tiny_model.generate(seeds=[0, 1])
     loaded = load_in_a_fresh_process(tiny_model_dir, tmp_path)

@@ -15,11 +15,13 @@ import pytest
 from datasets import load_dataset, load_from_disk
 from PIL import Image
 
+
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 import prepare_dataset  # noqa: E402
 from demo_scenes import render_scene  # noqa: E402
+
 
 IMAGE_SIZE = 48
 
@@ -97,8 +99,22 @@ def run_prepare(*argv):
 @pytest.fixture(scope="module")
 def prepared(source, tmp_path_factory):
     output_dir = tmp_path_factory.mktemp("prepared")
-    run_prepare("--source", source, "--metadata", source / "metadata.csv", "--output_dir", output_dir,
-                "--image_size", IMAGE_SIZE, "--min_size", 32, "--num_proc", 2, "--val_fraction", 0.25)
+    run_prepare(
+        "--source",
+        source,
+        "--metadata",
+        source / "metadata.csv",
+        "--output_dir",
+        output_dir,
+        "--image_size",
+        IMAGE_SIZE,
+        "--min_size",
+        32,
+        "--num_proc",
+        2,
+        "--val_fraction",
+        0.25,
+    )
     return output_dir
 
 
@@ -124,7 +140,9 @@ def test_every_file_is_accounted_for_in_the_report(prepared):
         "tiny.png": "too small",
         "broken_link.png": "unreadable",
     }
-    duplicate_of = {Path(e["path"]).name: Path(e["duplicate_of"]).name for e in report["skipped"] if "duplicate_of" in e}
+    duplicate_of = {
+        Path(e["path"]).name: Path(e["duplicate_of"]).name for e in report["skipped"] if "duplicate_of" in e
+    }
     assert duplicate_of == {"plain_copy.jpg": "plain.jpg", "wide_resaved.jpg": "wide.png"}
     assert report["total_files"] == 17
     assert report["kept"] == 8
@@ -135,8 +153,20 @@ def test_every_file_is_accounted_for_in_the_report(prepared):
 
 
 def test_include_class_keeps_only_files_under_that_folder(source, tmp_path):
-    run_prepare("--source", source, "--include_class", "PAINTING", "--output_dir", tmp_path,
-                "--image_size", IMAGE_SIZE, "--min_size", 32, "--captioner", "none")
+    run_prepare(
+        "--source",
+        source,
+        "--include_class",
+        "PAINTING",
+        "--output_dir",
+        tmp_path,
+        "--image_size",
+        IMAGE_SIZE,
+        "--min_size",
+        32,
+        "--captioner",
+        "none",
+    )
     report = read_json(tmp_path / "report.json")
     assert (report["total_files"], report["kept"]) == (1, 1)
 
@@ -202,8 +232,11 @@ def test_metadata_captions_use_the_title_then_the_book_then_the_description(prep
     assert caption({"source": "my_old_book"}) == "An engraving from My Old Book"
     assert caption({"description": "A quiet harbour at dusk."}) == "An engraving depicting a quiet harbour at dusk"
     assert caption({}) == "An engraving depicting an untitled scene"
-    captions = {row["sha256"]: row for name in ("train", "val")
-                for row in read_jsonl(prepared / "captions" / f"engraving_{name}.jsonl")}
+    captions = {
+        row["sha256"]: row
+        for name in ("train", "val")
+        for row in read_jsonl(prepared / "captions" / f"engraving_{name}.jsonl")
+    }
     per_image = read_json(prepared / "metadata" / "engraving_metadata.json")
     by_source = {Path(e["source_path"]).name: captions[e["sha256"]] for e in per_image.values()}
     assert by_source["plain.jpg"]["caption"] == "An engraving depicting the Knight of La Mancha"
@@ -228,22 +261,40 @@ def test_stats_and_card_describe_the_kept_images(prepared):
 def tiny_blip2(folder):
     """A randomly initialised BLIP-2 with a 13-word tokenizer, saved with its processor like a real checkpoint."""
     from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import (Blip2Config, Blip2ForConditionalGeneration, Blip2Processor, Blip2QFormerConfig,
-                              Blip2VisionConfig, BlipImageProcessor, OPTConfig, PreTrainedTokenizerFast)
+    from transformers import (
+        Blip2Config,
+        Blip2ForConditionalGeneration,
+        Blip2Processor,
+        Blip2QFormerConfig,
+        Blip2VisionConfig,
+        BlipImageProcessor,
+        OPTConfig,
+        PreTrainedTokenizerFast,
+    )
 
     words = "</s> <pad> <unk> an engraving depicting a ship tower sea moon of the".split()
     word_level = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
     word_level.pre_tokenizer = pre_tokenizers.Whitespace()
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=word_level, bos_token="</s>", eos_token="</s>",
-                                        pad_token="<pad>", unk_token="<unk>")
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=word_level, bos_token="</s>", eos_token="</s>", pad_token="<pad>", unk_token="<unk>"
+    )
     processor = Blip2Processor(BlipImageProcessor(size={"height": 32, "width": 32}), tokenizer, num_query_tokens=4)
     tiny = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2)
     config = Blip2Config(
         vision_config=Blip2VisionConfig(**tiny, image_size=32, patch_size=8).to_dict(),
         qformer_config=Blip2QFormerConfig(**tiny, encoder_hidden_size=16, vocab_size=len(tokenizer)).to_dict(),
-        text_config=OPTConfig(vocab_size=len(tokenizer), hidden_size=16, ffn_dim=32, num_hidden_layers=1,
-                              num_attention_heads=2, word_embed_proj_dim=16, max_position_embeddings=64,
-                              bos_token_id=0, eos_token_id=0, pad_token_id=1).to_dict(),
+        text_config=OPTConfig(
+            vocab_size=len(tokenizer),
+            hidden_size=16,
+            ffn_dim=32,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            word_embed_proj_dim=16,
+            max_position_embeddings=64,
+            bos_token_id=0,
+            eos_token_id=0,
+            pad_token_id=1,
+        ).to_dict(),
         num_query_tokens=4,
         image_token_index=tokenizer.convert_tokens_to_ids("<image>"),
     )
@@ -255,8 +306,24 @@ def tiny_blip2(folder):
 def test_blip2_captioner_runs_batched_and_resumes_from_its_cache(tmp_path):
     model_dir = tiny_blip2(tmp_path / "blip2")
     output_dir = tmp_path / "out"
-    common = ("--source", "demo", "--num_images", 5, "--image_size", 32, "--min_size", 8, "--output_dir", output_dir,
-              "--captioner", "blip2", "--caption_batch_size", 2, "--max_caption_tokens", 4)
+    common = (
+        "--source",
+        "demo",
+        "--num_images",
+        5,
+        "--image_size",
+        32,
+        "--min_size",
+        8,
+        "--output_dir",
+        output_dir,
+        "--captioner",
+        "blip2",
+        "--caption_batch_size",
+        2,
+        "--max_caption_tokens",
+        4,
+    )
     run_prepare(*common, "--captioner_model", model_dir)
     cache = read_jsonl(output_dir / "captions" / "blip2_cache.jsonl")
     assert len(cache) == 5
@@ -271,14 +338,31 @@ def test_blip2_captioner_runs_batched_and_resumes_from_its_cache(tmp_path):
 
 def test_blip2_captions_are_normalised():
     normalise = prepare_dataset.normalise_caption
-    assert normalise("An Engraving Depicting a ship a ship a ship at sea at sea") == "An engraving depicting a ship at sea"
+    assert (
+        normalise("An Engraving Depicting a ship a ship a ship at sea at sea")
+        == "An engraving depicting a ship at sea"
+    )
     assert normalise("  A TOWER ON A HILL.  ") == "An engraving depicting a tower on a hill"
 
 
 def test_push_to_hub_dry_run_lists_the_exact_files(prepared, capsys, source):
-    run_prepare("--source", source, "--metadata", source / "metadata.csv", "--output_dir", prepared,
-                "--image_size", IMAGE_SIZE, "--min_size", 32, "--val_fraction", 0.25,
-                "--push_to_hub", "someone/engravings", "--dry_run")
+    run_prepare(
+        "--source",
+        source,
+        "--metadata",
+        source / "metadata.csv",
+        "--output_dir",
+        prepared,
+        "--image_size",
+        IMAGE_SIZE,
+        "--min_size",
+        32,
+        "--val_fraction",
+        0.25,
+        "--push_to_hub",
+        "someone/engravings",
+        "--dry_run",
+    )
     printed = capsys.readouterr().out.split("Dry run: would upload 3 files to the dataset repo someone/engravings:\n")
     listed = [line.strip() for line in printed[1].splitlines()]
     assert listed == ["README.md", "data/train-00000-of-00001.parquet", "data/validation-00000-of-00001.parquet"]
@@ -286,9 +370,27 @@ def test_push_to_hub_dry_run_lists_the_exact_files(prepared, capsys, source):
 
 def test_push_to_hub_offline_fails_with_one_sentence_after_the_local_outputs(tmp_path):
     result = subprocess.run(
-        [sys.executable, str(REPO / "prepare_dataset.py"), "--source", "demo", "--num_images", "4", "--image_size", "32",
-         "--min_size", "8", "--output_dir", str(tmp_path), "--push_to_hub", "someone/engravings"],
-        capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"}, cwd=REPO, timeout=120,
+        [
+            sys.executable,
+            str(REPO / "prepare_dataset.py"),
+            "--source",
+            "demo",
+            "--num_images",
+            "4",
+            "--image_size",
+            "32",
+            "--min_size",
+            "8",
+            "--output_dir",
+            str(tmp_path),
+            "--push_to_hub",
+            "someone/engravings",
+        ],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+        cwd=REPO,
+        timeout=120,
     )
     assert result.returncode != 0
     message = result.stderr.strip().splitlines()[-1]
@@ -306,10 +408,22 @@ def test_kaggle_source_is_read_from_the_kagglehub_cache(source, tmp_path, monkey
     downloaded = Path(Cache().get_path(handle)) / "dataset_updated" / "training_set" / "engraving"
     downloaded.mkdir(parents=True)
     for name in ("plain.jpg", "wide.png"):
-        (downloaded / name).write_bytes((source / "dataset_updated" / "training_set" / "engraving" / name).read_bytes())
+        (downloaded / name).write_bytes(
+            (source / "dataset_updated" / "training_set" / "engraving" / name).read_bytes()
+        )
     Cache().mark_as_complete(handle)
-    run_prepare("--source", "kaggle:someone/art-images/versions/1", "--include_class", "engraving",
-                "--output_dir", tmp_path / "out", "--image_size", IMAGE_SIZE, "--min_size", 32)
+    run_prepare(
+        "--source",
+        "kaggle:someone/art-images/versions/1",
+        "--include_class",
+        "engraving",
+        "--output_dir",
+        tmp_path / "out",
+        "--image_size",
+        IMAGE_SIZE,
+        "--min_size",
+        32,
+    )
     assert read_json(tmp_path / "out" / "report.json")["kept"] == 2
 
 
@@ -320,8 +434,9 @@ def test_hf_source_is_read_with_load_dataset_and_keeps_its_text_columns(tmp_path
         engraving(20 + index).save(hub_copy / "train" / f"{index}.png")
     rows = [{"file_name": f"{index}.png", "title": f"Plate {index}"} for index in range(3)]
     (hub_copy / "train" / "metadata.jsonl").write_text("\n".join(json.dumps(row) for row in rows))
-    run_prepare("--source", f"hf:{hub_copy}", "--output_dir", tmp_path / "out", "--image_size", IMAGE_SIZE,
-                "--min_size", 32)
+    run_prepare(
+        "--source", f"hf:{hub_copy}", "--output_dir", tmp_path / "out", "--image_size", IMAGE_SIZE, "--min_size", 32
+    )
     saved = load_from_disk(str(tmp_path / "out" / "dataset"))
     captions = sorted(list(saved["train"]["caption"]) + list(saved["validation"]["caption"]))
     assert captions == [f"An engraving depicting Plate {index}" for index in range(3)]

@@ -3,9 +3,9 @@
 import subprocess
 import sys
 
+from conftest import REPO_ROOT
 from transformers import AutoTokenizer
 
-from conftest import REPO_ROOT
 from tokenization_engraving import SPECIAL_TOKENS, train_tokenizer
 
 
@@ -50,9 +50,12 @@ def test_command_line_trains_on_a_saved_dataset(tiny_dataset_dir, tmp_path):
         [
             sys.executable,
             str(REPO_ROOT / "tokenization_engraving.py"),
-            "--dataset_path", str(tiny_dataset_dir / "dataset"),
-            "--output_dir", str(output_dir),
-            "--vocab_size", "300",
+            "--dataset_path",
+            str(tiny_dataset_dir / "dataset"),
+            "--output_dir",
+            str(output_dir),
+            "--vocab_size",
+            "300",
         ],
         capture_output=True,
         text=True,

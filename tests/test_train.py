@@ -8,22 +8,41 @@ import sys
 
 import pytest
 import torch
-
 from conftest import REPO_ROOT
+
 from modeling_engraving import EngravingModel
 from train import TRAINING_STATE_NAME, parse_args, resolve_resume_path
 
 
 # 24 training images at batch 8: 3 steps per epoch, an evaluation at the end of each.
 TINY_RUN = [
-    "--preset", "tiny", "--train_batch_size", "8", "--report_to", "none",
-    "--num_validation_samples", "2", "--eval_batch_size", "8", "--logging_steps", "1", "--vocab_size", "300",
+    "--preset",
+    "tiny",
+    "--train_batch_size",
+    "8",
+    "--report_to",
+    "none",
+    "--num_validation_samples",
+    "2",
+    "--eval_batch_size",
+    "8",
+    "--logging_steps",
+    "1",
+    "--vocab_size",
+    "300",
 ]
 
 
 def run_train(dataset_dir, output_dir, *flags, launcher=(sys.executable,), environment=None):
     """Runs train.py in a fresh process (as a user would) and returns the finished process."""
-    command = [*launcher, str(REPO_ROOT / "train.py"), "--dataset_path", str(dataset_dir), "--output_dir", str(output_dir)]
+    command = [
+        *launcher,
+        str(REPO_ROOT / "train.py"),
+        "--dataset_path",
+        str(dataset_dir),
+        "--output_dir",
+        str(output_dir),
+    ]
     command += ["--cache_dir", str(output_dir.parent / "cache"), *TINY_RUN, *flags]
     environment = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", **(environment or {})}
     return subprocess.run(command, cwd=REPO_ROOT, env=environment, capture_output=True, text=True, timeout=240)
@@ -31,19 +50,35 @@ def run_train(dataset_dir, output_dir, *flags, launcher=(sys.executable,), envir
 
 def step_losses(output_dir):
     """`{step: losses}` of the per-step training log lines (the last logged for each step), throughput left out."""
-    lines = [re.sub(r" images_per_second \S+", "", line) for line in (output_dir / "training.log").read_text().splitlines()]
-    return {int(m.group(1)): m.group(2) for m in (re.search(r"step (\d+)/\d+ epoch \d+ (.*)", line) for line in lines) if m}
+    lines = [
+        re.sub(r" images_per_second \S+", "", line) for line in (output_dir / "training.log").read_text().splitlines()
+    ]
+    return {
+        int(m.group(1)): m.group(2) for m in (re.search(r"step (\d+)/\d+ epoch \d+ (.*)", line) for line in lines) if m
+    }
 
 
 def validation_records(output_dir):
-    return [{k: v for k, v in r.items() if k == "step" or k.startswith("val_")} for r in json.loads((output_dir / "metrics.json").read_text())]
+    return [
+        {k: v for k, v in r.items() if k == "step" or k.startswith("val_")}
+        for r in json.loads((output_dir / "metrics.json").read_text())
+    ]
 
 
 # Warmup across the interruption, the EMA, the discriminator, DiffAugment, flips and crops: every piece of state
 # matters on resume.
 RESUME_FLAGS = [
-    "--random_flip", "--random_crop_scale", "0.8", "--lr_scheduler", "constant_with_warmup", "--lr_warmup_steps", "5",
-    "--learning_rate", "1e-3", "--checkpointing_steps", "4",
+    "--random_flip",
+    "--random_crop_scale",
+    "0.8",
+    "--lr_scheduler",
+    "constant_with_warmup",
+    "--lr_warmup_steps",
+    "5",
+    "--learning_rate",
+    "1e-3",
+    "--checkpointing_steps",
+    "4",
 ]
 
 
@@ -68,7 +103,11 @@ def test_training_writes_evaluations_and_a_loadable_model_with_the_ema_generator
     assert (run / "model" / "samples.png").is_file() and (run / "model" / "tokenizer.json").is_file()
     model = EngravingModel.from_pretrained(run / "model")
     output = model.generate(seeds=[0, 1])
-    assert len(output.images) == 2 and output.images[0].size == (32, 32) and all(isinstance(c, str) for c in output.captions)
+    assert (
+        len(output.images) == 2
+        and output.images[0].size == (32, 32)
+        and all(isinstance(c, str) for c in output.captions)
+    )
     # The saved generator is the EMA of the trained one, kept in the last checkpoint: not the trained weights.
     checkpoint = torch.load(run / "checkpoint-7" / "custom_checkpoint_2.pkl", weights_only=False)
     ema = {name.removeprefix("module."): value for name, value in checkpoint.items() if name.startswith("module.")}
@@ -98,8 +137,18 @@ def test_resumed_run_gives_the_same_losses_as_an_uninterrupted_one(tiny_dataset_
 def test_non_finite_losses_are_skipped_counted_and_stop_training(tiny_dataset_dir, tmp_path):
     # A learning rate of 1e30 makes the weights overflow after the first step: every later loss is infinite or NaN.
     result = run_train(
-        tiny_dataset_dir, tmp_path / "run", "--max_train_steps", "20", "--learning_rate", "1e30",
-        "--lr_scheduler", "constant", "--lr_warmup_steps", "0", "--max_consecutive_nonfinite_steps", "3",
+        tiny_dataset_dir,
+        tmp_path / "run",
+        "--max_train_steps",
+        "20",
+        "--learning_rate",
+        "1e30",
+        "--lr_scheduler",
+        "constant",
+        "--lr_warmup_steps",
+        "0",
+        "--max_consecutive_nonfinite_steps",
+        "3",
     )
     assert result.returncode != 0
     assert "the loss was NaN or infinite for 3 consecutive steps (3 skipped in all)" in result.stderr
@@ -120,14 +169,24 @@ def test_latest_skips_checkpoints_whose_save_was_interrupted(tmp_path):
     checkpoint("checkpoint-12", complete=True)
     checkpoint("checkpoint-16.tmp", complete=True)  # killed before the rename
     checkpoint("checkpoint-20", complete=False)  # killed before its training state was written
-    args = parse_args(["--dataset_path", "unused", "--output_dir", str(tmp_path), "--resume_from_checkpoint", "latest"])
+    args = parse_args(
+        ["--dataset_path", "unused", "--output_dir", str(tmp_path), "--resume_from_checkpoint", "latest"]
+    )
     assert resolve_resume_path(args) == tmp_path / "checkpoint-12"
 
 
 def test_checkpoints_are_renamed_into_place_and_pruned_to_the_limit(tiny_dataset_dir, tmp_path):
     result = run_train(
-        tiny_dataset_dir, tmp_path / "run", "--max_train_steps", "6", "--checkpointing_steps", "2",
-        "--checkpoints_total_limit", "2", "--validation_epochs", "10",
+        tiny_dataset_dir,
+        tmp_path / "run",
+        "--max_train_steps",
+        "6",
+        "--checkpointing_steps",
+        "2",
+        "--checkpoints_total_limit",
+        "2",
+        "--validation_epochs",
+        "10",
     )
     assert result.returncode == 0, result.stderr[-3000:]
     names = sorted(path.name for path in (tmp_path / "run").iterdir() if path.name.startswith("checkpoint"))
@@ -139,13 +198,32 @@ def test_checkpoints_are_renamed_into_place_and_pruned_to_the_limit(tiny_dataset
 def test_two_processes_split_the_batch_and_only_the_main_one_logs_and_saves(tiny_dataset_dir, tmp_path):
     # Accelerate's multi-process launcher, on CPU processes that talk over gloo.
     launcher = (
-        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-        "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "29517",
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--multi_gpu",
+        "--num_processes",
+        "2",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "--main_process_port",
+        "29517",
     )
     result = run_train(
-        tiny_dataset_dir, tmp_path / "run", "--max_train_steps", "3", "--train_batch_size", "4",
-        "--checkpointing_steps", "3",
-        launcher=launcher, environment={"ACCELERATE_USE_CPU": "1"},
+        tiny_dataset_dir,
+        tmp_path / "run",
+        "--max_train_steps",
+        "3",
+        "--train_batch_size",
+        "4",
+        "--checkpointing_steps",
+        "3",
+        launcher=launcher,
+        environment={"ACCELERATE_USE_CPU": "1"},
     )
     assert result.returncode == 0, result.stderr[-3000:]
     run = tmp_path / "run"
@@ -166,7 +244,12 @@ def test_image_folder_splits_train_without_the_datasets_library_exactly_as_the_d
 ):
     output_dir = tmp_path / "run"
     result = run_train(
-        tiny_image_folder_dir, output_dir, "--max_train_steps", "7", *RESUME_FLAGS, environment=without_datasets_library
+        tiny_image_folder_dir,
+        output_dir,
+        "--max_train_steps",
+        "7",
+        *RESUME_FLAGS,
+        environment=without_datasets_library,
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert step_losses(output_dir) == step_losses(uninterrupted_run)
@@ -175,7 +258,9 @@ def test_image_folder_splits_train_without_the_datasets_library_exactly_as_the_d
 
 def test_push_to_hub_offline_fails_with_one_sentence_after_the_local_model(tiny_dataset_dir, tmp_path):
     output_dir = tmp_path / "run"
-    result = run_train(tiny_dataset_dir, output_dir, "--max_train_steps", "1", "--push_to_hub", "--hub_model_id", "someone/engraving")
+    result = run_train(
+        tiny_dataset_dir, output_dir, "--max_train_steps", "1", "--push_to_hub", "--hub_model_id", "someone/engraving"
+    )
     assert result.returncode != 0 and "Traceback" not in result.stderr
     assert result.stderr.strip().splitlines()[-1].startswith("Could not push to the Hub model repo someone/engraving")
     assert EngravingModel.from_pretrained(output_dir / "model").tokenizer is not None
@@ -183,9 +268,24 @@ def test_push_to_hub_offline_fails_with_one_sentence_after_the_local_model(tiny_
 
 def test_throughput_benchmark_times_the_compute_only_step_and_the_real_loop(tiny_dataset_dir, tmp_path):
     command = [
-        sys.executable, str(REPO_ROOT / "bench" / "train_throughput.py"), "--preset", "tiny", "--image_size", "32",
-        "--train_batch_size", "8", "--num_steps", "2", "--warmup_steps", "1", "--dataset_path", str(tiny_dataset_dir),
-        "--output_dir", str(tmp_path / "work"), "--output_json", str(tmp_path / "throughput.json"),
+        sys.executable,
+        str(REPO_ROOT / "bench" / "train_throughput.py"),
+        "--preset",
+        "tiny",
+        "--image_size",
+        "32",
+        "--train_batch_size",
+        "8",
+        "--num_steps",
+        "2",
+        "--warmup_steps",
+        "1",
+        "--dataset_path",
+        str(tiny_dataset_dir),
+        "--output_dir",
+        str(tmp_path / "work"),
+        "--output_json",
+        str(tmp_path / "throughput.json"),
     ]
     environment = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     result = subprocess.run(command, cwd=REPO_ROOT, env=environment, capture_output=True, text=True, timeout=240)
@@ -199,7 +299,12 @@ def test_throughput_benchmark_times_the_compute_only_step_and_the_real_loop(tiny
 
 def test_a_loss_weighted_zero_is_skipped_in_training_and_validation(tiny_dataset_dir, tmp_path):
     result = run_train(
-        tiny_dataset_dir, tmp_path / "run", "--max_train_steps", "2", "--config_overrides", "reconstruction_loss_weight=0"
+        tiny_dataset_dir,
+        tmp_path / "run",
+        "--max_train_steps",
+        "2",
+        "--config_overrides",
+        "reconstruction_loss_weight=0",
     )
     assert result.returncode == 0, result.stderr[-3000:]
     record = json.loads((tmp_path / "run" / "metrics.json").read_text())[-1]

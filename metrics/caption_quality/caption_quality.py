@@ -39,7 +39,25 @@ _CITATION = """
 }
 """
 
-DANGLING_WORDS = {"a", "an", "the", "of", "and", "or", "with", "in", "on", "at", "by", "to", "from", "for", "de", "la", "le"}
+DANGLING_WORDS = {
+    "a",
+    "an",
+    "the",
+    "of",
+    "and",
+    "or",
+    "with",
+    "in",
+    "on",
+    "at",
+    "by",
+    "to",
+    "from",
+    "for",
+    "de",
+    "la",
+    "le",
+}
 
 
 def normalize(caption):
