@@ -15,6 +15,8 @@ $(VENV)/.installed: requirements.txt
 	touch $@
 
 test: setup
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
 	HF_HUB_OFFLINE=1 $(PY) -m pytest
 
 demo: setup

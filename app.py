@@ -14,8 +14,7 @@ import random
 import gradio as gr
 import torch
 
-from generate import MAX_SEED, engrave_pictures, load_model, open_image
-from modeling_engraving import IMAGINE_VARIATION
+from pipeline_engraving import IMAGINE_VARIATION, MAX_SEED, EngravingPipeline, open_image
 
 
 DEFAULT_MODEL_ID = "outputs/demo/model"
@@ -46,12 +45,12 @@ def random_seed():
     return random.randint(0, MAX_SEED)
 
 
-def build_demo(model):
-    """The Blocks app around a loaded model: one tab per way of using it, each endpoint with an `api_name`."""
+def build_demo(pipeline):
+    """The Blocks app around a loaded pipeline: one tab per way of using it, each endpoint with an `api_name`."""
 
     @torch.inference_mode()
     def engrave_seed(seed):
-        output = model.generate(seeds=[check_seed(seed)])
+        output = pipeline(seeds=[check_seed(seed)])
         return output.images[0], output.captions[0]
 
     @torch.inference_mode()
@@ -59,12 +58,12 @@ def build_demo(model):
         # The sliders refuse counts outside their range before a handler runs.
         first_seed, count = check_seed(first_seed, "First seed"), round(count)
         check_seed(first_seed + count - 1, "The last seed")
-        output = model.generate(seeds=range(first_seed, first_seed + count), batch_size=MAX_BATCH_SIZE)
+        output = pipeline(seeds=range(first_seed, first_seed + count), batch_size=MAX_BATCH_SIZE)
         return list(zip(output.images, output.captions))
 
     @torch.inference_mode()
     def walk_between_seeds(seed_a, seed_b, steps):
-        output = model.interpolate(check_seed(seed_a, "Seed A"), check_seed(seed_b, "Seed B"), steps=round(steps))
+        output = pipeline.interpolate(check_seed(seed_a, "Seed A"), check_seed(seed_b, "Seed B"), steps=round(steps))
         return list(zip(output.images, output.captions))
 
     @torch.inference_mode()
@@ -72,7 +71,7 @@ def build_demo(model):
         caption = (caption or "").strip()
         if not caption or len(caption) > MAX_CAPTION_CHARACTERS:
             raise gr.Error(f"Write a caption of 1 to {MAX_CAPTION_CHARACTERS} characters.")
-        return model.imagine(caption, seed=check_seed(seed), variation=float(variation)).images[0]
+        return pipeline.imagine(caption, seed=check_seed(seed), variation=float(variation)).images[0]
 
     def caption_picture(path):
         if path is None:
@@ -81,8 +80,8 @@ def build_demo(model):
             picture = open_image(path)
         except ValueError as error:
             raise gr.Error(str(error)) from None
-        captions, engravings = engrave_pictures(model, [picture])
-        return captions[0], engravings[0]
+        output = pipeline.engrave([picture])
+        return output.captions[0], output.images[0]
 
     with gr.Blocks(title="Engraving") as demo:
         gr.Markdown(
@@ -143,10 +142,10 @@ def main(**launch_kwargs):
     """Loads the model named by MODEL_ID once, then serves the demo; keyword arguments go to `launch`."""
     model_id = os.environ.get("MODEL_ID", DEFAULT_MODEL_ID)
     try:
-        model = load_model(model_id, "cuda" if torch.cuda.is_available() else "cpu")
+        pipeline = EngravingPipeline.from_pretrained(model_id, device="cuda" if torch.cuda.is_available() else "cpu")
     except ValueError as error:
         raise SystemExit(f"error: {error} Set MODEL_ID to choose the model.") from None
-    demo = build_demo(model)
+    demo = build_demo(pipeline)
     demo.queue(default_concurrency_limit=1, max_size=QUEUE_MAX_SIZE)
     demo.launch(max_file_size=MAX_UPLOAD_SIZE, css=CSS, **launch_kwargs)
     return demo

@@ -188,7 +188,7 @@ class EngravingConfig(PretrainedConfig):
 
     @classmethod
     def from_preset(cls, name, **kwargs):
-        """Builds the named preset (`"base"`, `"small"`, `"demo"` or `"tiny"`); keyword arguments override its fields."""
+        """Builds the named preset (`"base"`, `"small"`, `"demo"` or `"tiny"`); keyword arguments override fields."""
         if name not in ENGRAVING_PRESETS:
             raise ValueError(f"Unknown preset {name!r}: choose one of {sorted(ENGRAVING_PRESETS)}.")
         return cls(**{**copy.deepcopy(ENGRAVING_PRESETS[name]), **kwargs})

@@ -148,7 +148,7 @@ class Plate:
         return Image.new("L", (self.width, self.width), 0)
 
     def paint(self, mask, level):
-        """Clears the masked region to paper and hatches it at `level` (0 leaves it bare; solid ink under `silhouette`)."""
+        """Clears the masked region to paper and hatches it at `level` (0: bare; solid ink under `silhouette`)."""
         self.ink.paste(0, mask=mask)
         if level and self.silhouette:
             self.ink.paste(255, mask=mask)

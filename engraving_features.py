@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from modeling_engraving import resize_and_pad
+from pipeline_engraving import resize_and_pad
 
 
 EFFICIENTNET_INPUT_SIZE = 224

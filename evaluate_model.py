@@ -12,7 +12,8 @@ Evaluates a trained Engraving model on a held-out split and writes `report.json`
 
 each for the seed samples (seeds `--seed` onwards: the generator's images and the captions written for them).
 
-    python evaluate_model.py --model ./engraving-small --dataset_path ./prepared/dataset --num_samples 200 --output_dir ./eval
+    python evaluate_model.py --model ./engraving-small --dataset_path ./prepared/dataset --num_samples 200 \
+        --output_dir ./eval
 
 The model's part and the scoring can run on different machines: `--save_model_outputs FILE --no_scoring` needs only
 torch and the model (e.g. on a bare GPU image), and `--model_outputs FILE` later scores that file where the metric
@@ -32,17 +33,17 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
+from engraving_data import DatasetNotFoundError, load_splits
 from engraving_features import ImageFeatureExtractor, SentenceEmbedder, cosine_nearest_neighbours
-from modeling_engraving import (
+from pipeline_engraving import (
     CAPTION_TEMPERATURE,
     CAPTION_TOP_P,
-    EngravingModel,
+    EngravingPipeline,
     caption_words,
     images_to_pixel_values,
     pixel_values_to_images,
     resize_and_pad,
 )
-from train import ImageFolderSplit, has_image_folder_splits, saved_dataset_dict_folder
 
 
 logger = logging.getLogger(__name__)
@@ -64,7 +65,8 @@ def parse_args(argv=None):
     group.add_argument(
         "--dataset_path",
         required=True,
-        help="A DatasetDict saved with `save_to_disk` (columns `image`, `caption`), or the folder holding it as `dataset/`.",
+        help="A DatasetDict saved with `save_to_disk` (columns `image`, `caption`), or the folder holding it as "
+        "`dataset/`, or prepare_dataset.py's ImageFolder splits.",
     )
     group.add_argument("--split", default="validation", help="Held-out split of real engravings to compare against.")
     group.add_argument("--train_split", default="train", help="Training split, for memorisation and copied captions.")
@@ -75,7 +77,7 @@ def parse_args(argv=None):
         "--max_train_images",
         type=int,
         default=500,
-        help="Training images featurised for nearest neighbours and memorisation (0: all; every caption is always used).",
+        help="Training images featurised for nearest neighbours and memorisation (0: all; all captions are used).",
     )
 
     group = parser.add_argument_group("sampling")
@@ -154,44 +156,22 @@ def parse_args(argv=None):
     return args
 
 
-def load_model(path, device):
-    """The model and its tokenizer from a `save_pretrained` folder, in eval mode."""
+def load_pipeline(path, device):
+    """The model and its tokenizer from a `save_pretrained` folder, in eval mode, as an [`EngravingPipeline`]."""
     if not (Path(path) / "config.json").is_file():
         raise SystemExit(f"--model {path} is not a folder saved with `save_pretrained` (no config.json there).")
-    model = EngravingModel.from_pretrained(path).to(device).eval()
-    if model.tokenizer is None:
-        raise SystemExit(f"--model {path} has no tokenizer files; save the model together with its tokenizer.")
-    return model
+    try:
+        return EngravingPipeline.from_pretrained(path, device=device)
+    except ValueError as error:
+        raise SystemExit(f"--model {path}: {error}") from None
 
 
-def load_splits(path, split, train_split):
-    """
-    The held-out and training splits at `path`: its DatasetDict (at `path` or `path/dataset`), else its ImageFolder
-    folders with metadata.jsonl, read without the `datasets` library.
-    """
-    path = Path(path)
-    folder = saved_dataset_dict_folder(path, (split, train_split))
-    if folder is None and has_image_folder_splits(path, (split, train_split)):
-        return ImageFolderSplit(path / split), ImageFolderSplit(path / train_split)
-    if folder is None:
-        raise SystemExit(
-            f"--dataset_path {path} holds no DatasetDict saved with `save_to_disk` (nor does {path / 'dataset'}), and "
-            f"no ImageFolder splits `{split}/` and `{train_split}/` with metadata.jsonl."
-        )
-    from datasets import DatasetDict, load_from_disk
-
-    splits = load_from_disk(str(folder))
-    if not isinstance(splits, DatasetDict):
-        raise SystemExit(
-            f"--dataset_path {folder} is a single Dataset; pass a DatasetDict with `{split}` and `{train_split}` splits."
-        )
-    for name in (split, train_split):
-        if name not in splits:
-            raise SystemExit(f"The dataset at {folder} has no `{name}` split (it has {sorted(splits)}).")
-        missing = {"image", "caption"} - set(splits[name].column_names)
-        if missing:
-            raise SystemExit(f"The `{name}` split at {folder} lacks the column(s) {sorted(missing)}.")
-    return splits[split], splits[train_split]
+def load_eval_splits(path, split, train_split):
+    """The held-out and training splits at `path` (`engraving_data.load_splits`), or one sentence on what is amiss."""
+    try:
+        return load_splits(path, (split, train_split))
+    except DatasetNotFoundError as error:
+        raise SystemExit(f"--dataset_path: {error}") from None
 
 
 def take(dataset, limit, seed):
@@ -211,17 +191,18 @@ def model_view(dataset, image_size):
 
 
 @torch.no_grad()
-def encode_real_split(model, images, captions, batch_size):
+def encode_real_split(pipeline, images, captions, batch_size):
     """Reconstructions (PIL), greedy captions, image latents and text latents of real pairs."""
+    model = pipeline.model
     reconstructions, predicted_captions, image_latents, text_latents = [], [], [], []
     for start in tqdm(range(0, len(images), batch_size), desc="reconstructing and captioning", leave=False):
         chunk_images, chunk_captions = images[start : start + batch_size], captions[start : start + batch_size]
         pixel_values = images_to_pixel_values(chunk_images, model.config.image_size).to(model.device)
         latents = model.encode_images(pixel_values)
         reconstructions += pixel_values_to_images(model.decode_latents(latents))
-        predicted_captions += model.caption_latents(latents)
+        predicted_captions += pipeline.caption_latents(latents)
         image_latents.append(latents.float().cpu())
-        text_latents.append(model.embed_captions(chunk_captions).float().cpu())
+        text_latents.append(pipeline.embed_captions(chunk_captions).float().cpu())
     return {
         "reconstructions": reconstructions,
         "predicted_captions": predicted_captions,
@@ -230,14 +211,14 @@ def encode_real_split(model, images, captions, batch_size):
     }
 
 
-def model_outputs(model, real_images, real_captions, args):
+def model_outputs(pipeline, real_images, real_captions, args):
     """
     All that evaluation asks of the model: reconstructions, greedy captions and alignment latents of the real images,
     and the seed samples with their captions.
     """
-    outputs = encode_real_split(model, real_images, real_captions, args.batch_size)
+    outputs = encode_real_split(pipeline, real_images, real_captions, args.batch_size)
     logger.info(f"Sampling {args.num_samples} engravings.")
-    samples = model.generate(
+    samples = pipeline(
         seeds=range(args.seed, args.seed + args.num_samples),
         temperature=args.temperature,
         top_p=args.top_p,
@@ -426,6 +407,36 @@ def assert_finite(report):
     walk("", report)
 
 
+def scoring_context(args, metrics, real_images, train_split, image_size):
+    """
+    What every row's scores compare against: the feature extractor and sentence embedder, the real images' and a
+    training subset's features, the training captions and their embeddings, the real high-frequency share and the
+    near-copy threshold.
+    """
+    train_captions = list(train_split["caption"])
+    train_bank = take(train_split, args.max_train_images, args.seed)
+    train_bank_images, train_bank_captions = model_view(train_bank, image_size)
+    logger.info(
+        f"{len(real_images)} `{args.split}` images; {len(train_bank_images)} of {len(train_captions)} training images "
+        "featurised."
+    )
+    extractor = ImageFeatureExtractor(args.device, args.batch_size, prefer_inception=args.feature_extractor == "auto")
+    embedder = SentenceEmbedder(args.device)
+    logger.info(f"Image features: {extractor.name}, run with {extractor.backend}.")
+    real_high_frequency = metrics["high_frequency_energy"].compute(predictions=real_images)["high_frequency_share"]
+    context = {
+        "extractor": extractor,
+        "embedder": embedder,
+        "real_features": extractor(real_images, description="real features"),
+        "train_features": extractor(train_bank_images, description="training features"),
+        "train_captions": train_captions,
+        "train_caption_embeddings": embedder(train_bank_captions),
+        "real_high_frequency_share": real_high_frequency,
+    }
+    context["near_copy_threshold"] = near_copy_threshold(context["train_features"], args.near_copy_quantile)
+    return context
+
+
 def main(args):
     logging.basicConfig(format="%(asctime)s %(levelname)s %(message)s", level=logging.INFO)
     started = time.perf_counter()
@@ -437,9 +448,9 @@ def main(args):
         outputs, saved_size = load_model_outputs(args.model_outputs)
         image_size = args.image_size or saved_size
     else:
-        model = load_model(args.model, args.device)
-        image_size = args.image_size or model.config.image_size
-    eval_split, train_split = load_splits(args.dataset_path, args.split, args.train_split)
+        pipeline = load_pipeline(args.model, args.device)
+        image_size = args.image_size or pipeline.model.config.image_size
+    eval_split, train_split = load_eval_splits(args.dataset_path, args.split, args.train_split)
     eval_split = take(eval_split, args.max_eval_images, args.seed)
     real_images, real_captions = model_view(eval_split, image_size)
     if args.model_outputs:
@@ -451,12 +462,13 @@ def main(args):
     else:
         # The model sees the split fitted to its own size: decode it again only when the comparison size differs.
         model_images = real_images
-        if image_size != model.config.image_size:
-            model_images = model_view(eval_split, model.config.image_size)[0]
+        if image_size != pipeline.model.config.image_size:
+            model_images = model_view(eval_split, pipeline.model.config.image_size)[0]
         if args.caption_words != "model":
             words = caption_words(train_split["caption"]) if args.caption_words == "train" else None
-            model.config.caption_words = words
-        outputs = model_outputs(model, model_images, real_captions, args)
+            pipeline.model.config.caption_words = words
+            pipeline = EngravingPipeline(pipeline.model, pipeline.tokenizer)
+        outputs = model_outputs(pipeline, model_images, real_captions, args)
     if args.save_model_outputs:
         save_model_outputs(outputs, args.save_model_outputs, image_size, args.jpeg_quality)
         logger.info(f"Wrote the model's outputs to {args.save_model_outputs}.")
@@ -470,32 +482,10 @@ def main(args):
     import evaluate
 
     output_dir.mkdir(parents=True, exist_ok=True)
-    train_captions = list(train_split["caption"])
-    train_bank = take(train_split, args.max_train_images, args.seed)
-    train_bank_images, train_bank_captions = model_view(train_bank, image_size)
-    logger.info(
-        f"{len(real_images)} `{args.split}` images; {len(train_bank_images)} of {len(train_captions)} training images "
-        "featurised."
-    )
-
     metric_names = ("kid", "fid", "bleu", "caption_quality", "retrieval", "reconstruction", "high_frequency_energy")
     metrics = {name: evaluate.load(str(METRICS_DIR / name)) for name in metric_names}
-    extractor = ImageFeatureExtractor(args.device, args.batch_size, prefer_inception=args.feature_extractor == "auto")
-    embedder = SentenceEmbedder(args.device)
-    logger.info(f"Image features: {extractor.name}, run with {extractor.backend}.")
-
-    context = {
-        "extractor": extractor,
-        "embedder": embedder,
-        "real_features": extractor(real_images, description="real features"),
-        "train_features": extractor(train_bank_images, description="training features"),
-        "train_captions": train_captions,
-        "train_caption_embeddings": embedder(train_bank_captions),
-        "real_high_frequency_share": metrics["high_frequency_energy"].compute(predictions=real_images)[
-            "high_frequency_share"
-        ],
-    }
-    context["near_copy_threshold"] = near_copy_threshold(context["train_features"], args.near_copy_quantile)
+    context = scoring_context(args, metrics, real_images, train_split, image_size)
+    extractor, train_captions = context["extractor"], context["train_captions"]
     real_reference = {
         "high_frequency_share": context["real_high_frequency_share"],
         "near_copy_threshold": context["near_copy_threshold"],
@@ -524,7 +514,7 @@ def main(args):
         "split": args.split,
         "image_size": image_size,
         "num_eval_images": len(real_images),
-        "num_train_images_featurised": len(train_bank_images),
+        "num_train_images_featurised": len(context["train_features"]),
         "num_samples": len(outputs["samples_images"]),
         "caption_words": args.caption_words,
         "feature_extractor": extractor.name,
@@ -544,7 +534,8 @@ def main(args):
     (output_dir / "report.md").write_text(render_markdown(report))
     logger.info(
         f"Wrote {output_dir / 'report.json'} in {report['elapsed_seconds']} s: seed samples' KID x1000 "
-        f"{sampling['samples']['kid_x1000']:.1f}, high-frequency ratio {sampling['samples']['high_frequency_ratio']:.2f}."
+        f"{sampling['samples']['kid_x1000']:.1f}, high-frequency ratio "
+        f"{sampling['samples']['high_frequency_ratio']:.2f}."
     )
     return report
 

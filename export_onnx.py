@@ -9,8 +9,8 @@ Exports a trained Engraving model to ONNX, for runtimes without PyTorch (onnxrun
 - `caption_decoder_step.onnx`: latents and the caption so far, `(batch, length)` token ids starting with `<bos>`,
   -> logits `(batch, vocab_size)` of the next token. A runtime calls it once per token (greedy or top-p), until
   `<eos>`; there is no KV cache, so each step reads the whole caption so far. Where `config.caption_words` is set,
-  `generate` masks each step's logits to the tokens that keep the caption to those words (`CaptionWordConstraint`
-  in modeling_engraving.py, plain Python over the tokenizer); a runtime that wants the same captions does the same.
+  the pipeline masks each step's logits to the tokens that keep the caption to those words (`CaptionWordConstraint`
+  in pipeline_engraving.py, plain Python over the tokenizer); a runtime that wants the same captions does the same.
 
 The tokenizer and config are saved beside them, so the folder holds everything a runtime needs.
 
@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from generate import load_model
+from pipeline_engraving import EngravingPipeline
 
 
 def parse_args(argv=None):
@@ -109,7 +109,8 @@ def onnx_difference(path, module, inputs):
 def main(argv=None):
     args = parse_args(argv)
     try:
-        model = load_model(args.model)
+        pipeline = EngravingPipeline.from_pretrained(args.model)
+        model = pipeline.model
     except ValueError as error:
         sys.exit(f"error: {error}")
     output_dir = Path(args.output_dir)
@@ -132,7 +133,7 @@ def main(argv=None):
                 dynamo=False,
             )
         print(f"{name}: largest difference from PyTorch {onnx_difference(output_dir / name, module, inputs):.2e}")
-    model.tokenizer.save_pretrained(output_dir)
+    pipeline.tokenizer.save_pretrained(output_dir)
     model.config.save_pretrained(output_dir)
     print(f"Exported to {output_dir}.")
 

@@ -16,21 +16,17 @@ import sys
 from pathlib import Path
 
 import torch
-from PIL import Image, ImageDraw, ImageFont
 from tqdm.auto import tqdm
-from transformers import AutoModel
 
-from modeling_engraving import (
+from pipeline_engraving import (
     CAPTION_TEMPERATURE,
     CAPTION_TOP_P,
     IMAGINE_VARIATION,
-    images_to_pixel_values,
-    pixel_values_to_images,
+    MAX_SEED,
+    EngravingPipeline,
+    captioned_grid,
+    open_image,
 )
-
-
-MAX_SEED = 2**32 - 1
-GRID_MIN_CELL = 128
 
 
 def parse_seeds(text):
@@ -111,35 +107,6 @@ def parse_args(argv=None):
     return args
 
 
-def load_model(model_id, device="cpu"):
-    """
-    Loads a trained Engraving model and its tokenizer, in eval mode on `device`, from a local folder or a Hub id.
-    It runs the modeling code saved with the model (`trust_remote_code`), as `AutoModel` does on the Hub.
-    """
-    try:
-        model = AutoModel.from_pretrained(model_id, trust_remote_code=True)
-    except (OSError, ValueError) as error:
-        raise ValueError(
-            f"Could not load an Engraving model from {model_id!r} ({type(error).__name__}): "
-            "give a folder written by train.py or a Hub model id."
-        ) from error
-    if model.tokenizer is None:
-        raise ValueError(f"{model_id!r} has no tokenizer: save the model with its tokenizer to get captions.")
-    return model.to(device).eval()
-
-
-def open_image(path):
-    """Opens an image file as RGB, or raises a ValueError that says the file is not a readable image."""
-    try:
-        with Image.open(path) as image:
-            return image.convert("RGB")
-    except (OSError, Image.DecompressionBombError) as error:
-        raise ValueError(
-            f"{Path(path).name} is not an image that can be read ({type(error).__name__}): "
-            "use a PNG, JPEG, WebP or TIFF."
-        ) from None
-
-
 def seed_batches(seeds, batch_size, consecutive=False):
     """Splits seeds into batches of at most `batch_size`; with `consecutive`, each batch is a run n, n+1, n+2, ..."""
     batch = []
@@ -153,77 +120,29 @@ def seed_batches(seeds, batch_size, consecutive=False):
 
 
 @torch.inference_mode()
-def engrave_pictures(model, pictures):
-    """Captions PIL pictures and redraws each through the model's latent: `(captions, engravings)`."""
-    pixel_values = images_to_pixel_values(pictures, model.config.image_size).to(model.device, model.dtype)
-    latents = model.encode_images(pixel_values)
-    return model.caption_latents(latents), pixel_values_to_images(model.decode_latents(latents))
-
-
-def caption_font(size):
-    """A font of `size` pixels for grid captions: DejaVu Sans where the system has it, else Pillow's built-in one."""
-    # Pillow's built-in font has no accented letters or dashes, which real titles have ("Abbé", "—"); DejaVu Sans has
-    # them and is on most Linux systems (Debian's fonts-dejavu-core). Pillow finds it by file name in the system's fonts.
-    try:
-        return ImageFont.truetype("DejaVuSans.ttf", size)
-    except OSError:
-        return ImageFont.load_default(size=size)
-
-
-def wrap_caption(caption, font, width):
-    """`caption`'s words in lines no wider than `width` pixels in `font` (a word wider than that gets a line alone)."""
-    lines = []
-    for word in caption.split():
-        if lines and font.getlength(f"{lines[-1]} {word}") <= width:
-            lines[-1] = f"{lines[-1]} {word}"
-        else:
-            lines.append(word)
-    return lines
-
-
-def captioned_grid(images, captions, columns):
-    """Lays images out in rows of `columns` on white paper, each with its whole caption wrapped beneath it."""
-    scale = max(1, math.ceil(GRID_MIN_CELL / images[0].width))
-    width, height = images[0].width * scale, images[0].height * scale
-    font = caption_font(max(10, width // 22))
-    line_height = font.size + 4
-    caption_lines = [wrap_caption(caption, font, width - 8) for caption in captions]  # a 4 px margin on each side
-    cell_height = height + max(map(len, caption_lines), default=0) * line_height + 8
-    rows = math.ceil(len(images) / columns)
-    grid = Image.new("RGB", (columns * width, rows * cell_height), "white")
-    draw = ImageDraw.Draw(grid)
-    for index, (image, lines) in enumerate(zip(images, caption_lines)):
-        left, top = (index % columns) * width, (index // columns) * cell_height
-        grid.paste(image.resize((width, height), Image.Resampling.NEAREST), (left, top))
-        for line_index, line in enumerate(lines):
-            draw.text((left + 4, top + height + 4 + line_index * line_height), line, fill="black", font=font)
-    return grid
-
-
-@torch.inference_mode()
-def engrave_seeds(model, args):
-    """Yields `(seed, image, caption)` per seed of --seeds, batch by batch: new engravings, or drawings of --caption."""
+def engrave_seeds(pipeline, args):
+    """Yields `(seed, image, caption)` per seed of --seeds, in batches: new engravings, or drawings of --caption."""
     # `imagine` numbers its images seed, seed + 1, ...: a caption's batches must be runs of consecutive seeds.
     batches = seed_batches(args.seeds, args.batch_size, consecutive=args.caption is not None)
     with tqdm(total=len(args.seeds), desc="Engraving", unit="image") as progress:
         for batch in batches:
             if args.caption is None:
-                output = model.generate(
+                output = pipeline(
                     seeds=batch,
                     temperature=args.temperature,
                     top_p=args.top_p,
                     batch_size=len(batch),
                 )
             else:
-                output = model.imagine([args.caption] * len(batch), seed=batch[0], variation=args.variation)
+                output = pipeline.imagine([args.caption] * len(batch), seed=batch[0], variation=args.variation)
             yield from zip(batch, output.images, output.captions)
             progress.update(len(batch))
 
 
-def draw_seeds(model, args, output_dir):
+def draw_seeds(pipeline, args, output_dir):
     """Writes one PNG per seed (and grid.png with --grid); returns the caption records."""
     records, images = [], []
-    for seed, image, caption in engrave_seeds(model, args):
+    for seed, image, caption in engrave_seeds(pipeline, args):
         file = f"seed_{seed}.png"
         records.append({"seed": seed, "caption": caption, "file": file})
         image.save(output_dir / file)
@@ -235,11 +154,11 @@ def draw_seeds(model, args, output_dir):
     return records
 
 
-def draw_interpolation(model, args, output_dir):
+def draw_interpolation(pipeline, args, output_dir):
     """Writes each step of the walk from one seed to the other, and interpolation.png, the captioned strip."""
     seed_a, seed_b = args.interpolate
     with torch.inference_mode():
-        output = model.interpolate(seed_a, seed_b, steps=args.steps)
+        output = pipeline.interpolate(seed_a, seed_b, steps=args.steps)
     records = []
     for step, (image, caption) in enumerate(zip(output.images, output.captions)):
         file = f"step_{step:02d}.png"
@@ -249,14 +168,16 @@ def draw_interpolation(model, args, output_dir):
     return records
 
 
-def draw_pictures(model, args, pictures, output_dir):
+def draw_pictures(pipeline, args, pictures, output_dir):
     """Captions each --image and writes its engraved reconstruction; returns the caption records."""
     records = []
     with tqdm(total=len(pictures), desc="Captioning", unit="image") as progress:
         for start in range(0, len(pictures), args.batch_size):
             paths = args.image[start : start + args.batch_size]
-            captions, engravings = engrave_pictures(model, pictures[start : start + args.batch_size])
-            for index, (path, caption, engraving) in enumerate(zip(paths, captions, engravings), start=start):
+            output = pipeline.engrave(pictures[start : start + args.batch_size])
+            for index, (path, caption, engraving) in enumerate(
+                zip(paths, output.captions, output.images), start=start
+            ):
                 file = f"engraved_{index:04d}_{Path(path).stem}.png"
                 records.append({"source": str(path), "caption": caption, "file": file})
                 engraving.save(output_dir / file)
@@ -267,18 +188,18 @@ def draw_pictures(model, args, pictures, output_dir):
 def main(argv=None):
     args = parse_args(argv)
     try:
-        model = load_model(args.model, args.device)
+        pipeline = EngravingPipeline.from_pretrained(args.model, device=args.device)
         pictures = [open_image(path) for path in args.image or []]
     except ValueError as error:
         sys.exit(f"error: {error}")
     output_dir = Path(args.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     if args.interpolate:
-        records = draw_interpolation(model, args, output_dir)
+        records = draw_interpolation(pipeline, args, output_dir)
     elif pictures:
-        records = draw_pictures(model, args, pictures, output_dir)
+        records = draw_pictures(pipeline, args, pictures, output_dir)
     else:
-        records = draw_seeds(model, args, output_dir)
+        records = draw_seeds(pipeline, args, output_dir)
     with open(output_dir / "captions.jsonl", "w") as file:
         file.writelines(json.dumps(record) + "\n" for record in records)
     print(f"Wrote {len(records)} images and captions.jsonl to {output_dir}.")

@@ -1,37 +1,21 @@
 """PyTorch Engraving model: a generative image-caption model for engravings."""
 
-import bisect
-import itertools
 import math
-import re
-from collections import OrderedDict
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image, ImageOps
 from torch import nn
 from torch.nn.utils.parametrizations import spectral_norm
-from transformers import AutoTokenizer, PreTrainedModel
+from transformers import PreTrainedModel
 from transformers import initialization as init
-from transformers.utils import ModelOutput, logging
+from transformers.utils import ModelOutput
 
 
 try:  # Loaded from the Hub with trust_remote_code, this file lives in a package beside its config.
     from .configuration_engraving import EngravingConfig
 except ImportError:  # Imported from a checkout of the repo.
     from configuration_engraving import EngravingConfig
-
-
-logger = logging.get_logger(__name__)
-
-# Caption sampling of `generate`: the decoder's own distribution, less its 5% tail. Kept to the training words
-# (`config.caption_words`), it does not misspell at this temperature.
-CAPTION_TEMPERATURE = 1.0
-CAPTION_TOP_P = 0.95
-# How far `imagine` strays from the latent a caption names, in units of the N(0, I) seed noise.
-IMAGINE_VARIATION = 0.5
 
 
 @dataclass
@@ -65,65 +49,6 @@ class EngravingOutput(ModelOutput):
     caption_logits: torch.FloatTensor | None = None
 
 
-@dataclass
-class EngravingGenerationOutput(ModelOutput):
-    """
-    What the public generation methods return.
-
-    Args:
-        images (`list[PIL.Image.Image]`): the engravings, `image_size` x `image_size` RGB.
-        captions (`list[str]`): one caption per image.
-        seeds (`list[int]`): the seed of each image, where it came from a seed.
-        latents (`torch.FloatTensor` of shape `(batch, latent_size)`): the latents the images were drawn from.
-    """
-
-    images: list | None = None
-    captions: list | None = None
-    seeds: list | None = None
-    latents: torch.FloatTensor | None = None
-
-
-def estimate_paper_tone(image):
-    """The paper colour of an RGB PIL image: the per-channel median of its one-pixel border, as an (R, G, B) tuple."""
-    pixels = np.asarray(image.convert("RGB"))
-    border = np.concatenate([pixels[0], pixels[-1], pixels[:, 0], pixels[:, -1]])
-    return tuple(int(v) for v in np.median(border, axis=0))
-
-
-def resize_and_pad(image, size):
-    """
-    Fits a PIL image into a `size` x `size` RGB square, keeping its aspect ratio and padding with its own paper tone.
-
-    Returns the square image and the padding box `(left, top, right, bottom)` where the picture sits.
-    """
-    image = ImageOps.exif_transpose(image).convert("RGB")
-    scale = size / max(image.size)
-    width, height = max(1, round(image.width * scale)), max(1, round(image.height * scale))
-    resized = image.resize((width, height), Image.Resampling.LANCZOS)
-    canvas = Image.new("RGB", (size, size), estimate_paper_tone(resized))
-    left, top = (size - width) // 2, (size - height) // 2
-    canvas.paste(resized, (left, top))
-    return canvas, (left, top, left + width, top + height)
-
-
-def images_to_pixel_values(images, image_size):
-    """PIL images -> `(batch, 3, image_size, image_size)` float tensor in [-1, 1], padded to square with paper tone."""
-    arrays = [np.asarray(resize_and_pad(image, image_size)[0], dtype=np.float32) for image in images]
-    pixel_values = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2)
-    return pixel_values / 127.5 - 1.0
-
-
-def pixel_values_to_images(pixel_values):
-    """`(batch, 3, H, W)` tensor in [-1, 1] -> list of RGB PIL images."""
-    pixels = ((pixel_values.detach().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
-    return [Image.fromarray(array) for array in pixels.permute(0, 2, 3, 1).cpu().numpy()]
-
-
-def seeded_generators(seeds):
-    """One CPU `torch.Generator` per integer seed, so every sample's randomness depends on its seed alone."""
-    return [torch.Generator().manual_seed(int(seed)) for seed in seeds]
-
-
 def group_norm(num_channels, num_groups=8):
     """GroupNorm with the largest group count up to `num_groups` that divides `num_channels`."""
     return nn.GroupNorm(math.gcd(num_groups, num_channels), num_channels)
@@ -137,7 +62,8 @@ def widths_from(channels, num_levels):
 def diff_augment(pixel_values, policy="color,translation,cutout"):
     """
     DiffAugment (Zhao et al., 2020): the same differentiable augmentations applied to real and generated images before
-    the discriminator sees them, so that it cannot memorise a few thousand prints. `policy` names them, comma-separated:
+    the discriminator sees them, so that it cannot memorise a few thousand prints. `policy` names them, comma-
+    separated:
     `color` (random brightness, saturation and contrast), `translation` (by up to 1/8 of the side, zero-padded) and
     `cutout` (a square of half the side). Draws from the global generator (on the images' device), so a resume that
     restores the RNG replays it.
@@ -287,7 +213,8 @@ class EngravingResidualBlock(nn.Module):
 
 class EngravingImageEncoder(nn.Module):
     """
-    CNN from `(batch, 3, image_size, image_size)` pixels in [-1, 1] to `(batch, latent_size)` latents in the generator's
+    CNN from `(batch, 3, image_size, image_size)` pixels in [-1, 1] to `(batch, latent_size)` latents in the
+    generator's
     latent space: a stride-2 stem, then a residual block and a stride-2 convolution per level down to 4 x 4, and a
     linear map of that grid to the latent. GroupNorm, so an image's latent does not depend on its batch.
     """
@@ -550,7 +477,7 @@ class EngravingTransformerLayer(nn.Module):
 
 
 class EngravingTextEncoder(nn.Module):
-    """Bidirectional Transformer from caption token embeddings to one `(batch, latent_size)` text latent (masked mean pool)."""
+    """Bidirectional Transformer from caption token embeddings to a `(batch, latent_size)` text latent (mean pool)."""
 
     def __init__(self, config):
         super().__init__()
@@ -656,8 +583,9 @@ class EngravingModel(EngravingPreTrainedModel):
     - an image encoder maps an engraving back into the latent space;
     - a caption decoder writes a caption from a latent, and a text encoder maps a caption into the latent space.
 
-    A seed's caption is written from the encoder's latent of its drawn image, so the caption describes what was
-    drawn. The discriminator that trains the generator is [`EngravingDiscriminator`], kept by train.py.
+    The model holds the networks; `forward` gives the encoder and caption path's losses and changes nothing. Drawing
+    for users (seeds, caption decoding, PIL images) is [`EngravingPipeline`] in pipeline_engraving.py, and the
+    discriminator that trains the generator, [`EngravingDiscriminator`], is kept by train.py.
     """
 
     _tied_weights_keys = {"caption_decoder.lm_head.weight": "token_embedding.weight"}
@@ -670,7 +598,6 @@ class EngravingModel(EngravingPreTrainedModel):
         self.caption_decoder = EngravingCaptionDecoder(config)
         self.text_encoder = EngravingTextEncoder(config)
         self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))
-        self.tokenizer = None
         self.post_init()
 
     def get_input_embeddings(self):
@@ -681,33 +608,6 @@ class EngravingModel(EngravingPreTrainedModel):
 
     def get_output_embeddings(self):
         return self.caption_decoder.lm_head
-
-    # ----------------------------------------------------------------------------------------------------------
-    # Saving and loading: the tokenizer travels with the model, so `generate()` returns text after `from_pretrained`.
-
-    @classmethod
-    def from_pretrained(cls, pretrained_model_name_or_path, *model_args, **kwargs):
-        model = super().from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
-        hub_kwargs = {
-            key: kwargs[key]
-            for key in ("cache_dir", "revision", "token", "local_files_only", "subfolder")
-            if key in kwargs
-        }
-        try:
-            # The code of this repo is already running, so its config may be trusted when the tokenizer reads it.
-            model.tokenizer = AutoTokenizer.from_pretrained(
-                pretrained_model_name_or_path, trust_remote_code=True, **hub_kwargs
-            )
-        except (OSError, ValueError):
-            logger.warning(
-                f"No tokenizer found with {pretrained_model_name_or_path}: pass `tokenizer=` to get captions."
-            )
-        return model
-
-    def save_pretrained(self, save_directory, *args, **kwargs):
-        super().save_pretrained(save_directory, *args, **kwargs)
-        if self.tokenizer is not None and kwargs.get("is_main_process", True):
-            self.tokenizer.save_pretrained(save_directory)
 
     # ----------------------------------------------------------------------------------------------------------
     # Tensor-level building blocks.
@@ -723,11 +623,6 @@ class EngravingModel(EngravingPreTrainedModel):
     def encode_text(self, input_ids, attention_mask):
         """`(batch, length)` caption token ids -> `(batch, latent_size)` text latents in the image latent space."""
         return self.text_encoder(self.token_embedding(input_ids), attention_mask)
-
-    def seed_latents(self, seeds):
-        """`(len(seeds), latent_size)` latents: each integer seed's N(0, I) draw, on the model's device and dtype."""
-        noise = [torch.randn(self.config.latent_size, generator=generator) for generator in seeded_generators(seeds)]
-        return torch.stack(noise).to(self.device, self.dtype)
 
     def contrastive_loss(self, image_latents, text_latents):
         """Symmetric InfoNCE between matching rows of `(batch, latent_size)` image and text latents."""
@@ -754,7 +649,7 @@ class EngravingModel(EngravingPreTrainedModel):
 
         Args:
             pixel_values (`torch.FloatTensor` of shape `(batch, 3, image_size, image_size)`): real images in [-1, 1].
-            input_ids (`torch.LongTensor` of shape `(batch, length)`, *optional*): captions as `<bos> ... <eos> <pad>*`.
+            input_ids (`torch.LongTensor` of shape `(batch, length)`, *optional*): `<bos> ... <eos> <pad>*`.
             attention_mask (`torch.LongTensor` of shape `(batch, length)`, *optional*): 1 on tokens, 0 on padding.
             generated_pixel_values (`torch.FloatTensor` of shape `(num_generated, 3, image_size, image_size)`,
                 *optional*): images the generator drew from `generated_latents`, for the encoder's latent regression.
@@ -798,306 +693,25 @@ class EngravingModel(EngravingPreTrainedModel):
             loss=loss, latents=latents, text_latents=text_latents, caption_logits=caption_logits, **losses
         )
 
-    @torch.no_grad()
-    def generate_caption_ids(
-        self, latents, temperature=0.0, top_p=1.0, generators=None, max_length=None, word_constraint=None
-    ):
+    def new_caption_cache(self):
+        """An empty key/value cache for `caption_logits`: one dict per caption decoder layer."""
+        return [{} for _ in self.caption_decoder.layers]
+
+    def caption_logits(self, latents, input_ids, cache=None):
         """
-        Writes captions for `(batch, latent_size)` latents, batched, until every row has produced `<eos>`.
-        `temperature=0` is greedy; otherwise nucleus sampling with one `torch.Generator` per row, so a row's caption
-        does not depend on the rest of the batch. A [`CaptionWordConstraint`] keeps every row to its whole words.
-        Returns `(batch, length)` token ids starting with `<bos>`.
+        `(batch, latent_size)` latents and `(batch, length)` caption token ids -> next-token logits
+        `(batch, length, vocab_size)`. With a cache from `new_caption_cache`, each call after the first runs only the
+        new tokens: decoding (sampling, word constraints) is the pipeline's, in pipeline_engraving.py.
         """
-        batch = latents.shape[0]
-        max_length = max_length or self.config.max_caption_length
-        input_ids = torch.full((batch, 1), self.config.bos_token_id, dtype=torch.long, device=latents.device)
-        finished = torch.zeros(batch, dtype=torch.bool, device=latents.device)
-        open_words = [""] * batch
-        cache = [{} for _ in self.caption_decoder.layers]
-        for _ in range(max_length - 1):
-            logits = self.caption_decoder(latents, self.token_embedding(input_ids[:, -1:]), cache)[:, -1].float()
-            if word_constraint is not None:
-                allowed = torch.stack([word_constraint.allowed_tokens(word) for word in open_words]).to(logits.device)
-                logits = logits.masked_fill(~allowed, float("-inf"))
-            if temperature > 0:
-                next_tokens = sample_top_p(logits / temperature, top_p, generators)
-            else:
-                next_tokens = logits.argmax(dim=-1)
-            next_tokens = next_tokens.masked_fill(finished, self.config.pad_token_id)
-            input_ids = torch.cat([input_ids, next_tokens[:, None]], dim=1)
-            finished |= next_tokens == self.config.eos_token_id
-            if word_constraint is not None:
-                # A token outside the mask (only from non-finite logits, a diverged model) starts a fresh word.
-                open_words = [
-                    word if done else word_constraint.next_open_word(word, token) or ""
-                    for word, token, done in zip(open_words, next_tokens.tolist(), finished.tolist())
-                ]
-            if finished.all():
-                break
-        return input_ids
-
-    # ----------------------------------------------------------------------------------------------------------
-    # Public API: seeds, PIL images and strings in; PIL images and strings out.
-
-    def _require_tokenizer(self, tokenizer):
-        tokenizer = tokenizer or self.tokenizer
-        if tokenizer is None:
-            raise ValueError(
-                "This model has no tokenizer: load it with `from_pretrained` from a folder that has one, or pass `tokenizer=`."
-            )
-        return tokenizer
-
-    def caption_word_constraint(self, tokenizer):
-        """The [`CaptionWordConstraint`] of `config.caption_words` for `tokenizer`, built once; `None` when unset."""
-        words = self.config.caption_words
-        if not words:
-            return None
-        built_for = getattr(self, "_caption_word_constraint", (None, None, None))
-        if built_for[0] is not tokenizer or built_for[1] is not words:
-            constraint = CaptionWordConstraint(words, tokenizer, self.config.vocab_size, self.config.eos_token_id)
-            self._caption_word_constraint = (tokenizer, words, constraint)
-        return self._caption_word_constraint[2]
-
-    @torch.no_grad()
-    def caption_latents(self, latents, tokenizer=None, temperature=0.0, top_p=1.0, generators=None):
-        """
-        Captions `(batch, latent_size)` latents: `list[str]`, greedy by default (see `generate_caption_ids`), in the
-        whole words of `config.caption_words` when it is set.
-        """
-        tokenizer = self._require_tokenizer(tokenizer)
-        word_constraint = self.caption_word_constraint(tokenizer)
-        ids = self.generate_caption_ids(latents, temperature, top_p, generators, word_constraint=word_constraint)
-        captions = [text.strip() for text in tokenizer.batch_decode(ids, skip_special_tokens=True)]
-        if word_constraint is not None:
-            captions = [word_constraint.drop_half_spelt_word(caption) for caption in captions]
-        return captions
-
-    @torch.no_grad()
-    def caption_pixel_values(self, pixel_values, tokenizer=None, temperature=0.0, top_p=1.0, generators=None):
-        """Captions `(batch, 3, H, W)` images in [-1, 1] through their encoded latents: `list[str]`."""
-        return self.caption_latents(self.encode_images(pixel_values), tokenizer, temperature, top_p, generators)
-
-    @torch.no_grad()
-    def embed_captions(self, captions, tokenizer=None):
-        """Caption strings -> `(batch, latent_size)` text latents: the alignment embedding, in the image latent space."""
-        tokenizer = self._require_tokenizer(tokenizer)
-        batch = tokenizer(
-            list(captions),
-            padding=True,
-            truncation=True,
-            max_length=self.config.max_caption_length,
-            return_tensors="pt",
-        )
-        return self.encode_text(batch["input_ids"].to(self.device), batch["attention_mask"].to(self.device))
-
-    @torch.no_grad()
-    def generate(
-        self,
-        seeds=None,
-        num_samples=None,
-        temperature=CAPTION_TEMPERATURE,
-        top_p=CAPTION_TOP_P,
-        tokenizer=None,
-        batch_size=16,
-    ):
-        """
-        Draws new engravings with captions. Each seed's N(0, I) latent is drawn by the generator; its caption is
-        written from the encoder's latent of that drawing, so it describes what was drawn. The same integer seed always
-        gives the same latent and caption; its image is identical for the same batch size, and across batch sizes may
-        differ by one grey level in a few pixels, because batched convolutions round differently.
-
-        Args:
-            seeds (`list[int]`, *optional*): one engraving per seed.
-            num_samples (`int`, *optional*): without `seeds`, this many engravings from random seeds.
-            temperature (`float`): caption sampling temperature; 0 is greedy.
-            top_p (`float`): nucleus of the caption sampling.
-
-        Returns:
-            [`EngravingGenerationOutput`] with `images` (PIL), `captions` (str), `seeds` and `latents`.
-        """
-        tokenizer = self._require_tokenizer(tokenizer)
-        if seeds is None:
-            if not num_samples:
-                raise ValueError("Pass `seeds=[...]` or `num_samples=N`.")
-            seeds = torch.randint(0, 2**31 - 1, (num_samples,)).tolist()
-        seeds = [int(seed) for seed in seeds]
-        images, captions, latents = [], [], []
-        for start in range(0, len(seeds), batch_size):
-            chunk = seeds[start : start + batch_size]
-            chunk_latents = self.seed_latents(chunk)
-            pixel_values = self.decode_latents(chunk_latents)
-            # The caption's randomness continues from a generator of the same seed, after the latent's draw.
-            generators = seeded_generators(chunk)
-            for generator in generators:
-                torch.randn(self.config.latent_size, generator=generator)
-            images += pixel_values_to_images(pixel_values)
-            captions += self.caption_pixel_values(pixel_values, tokenizer, temperature, top_p, generators)
-            latents.append(chunk_latents)
-        return EngravingGenerationOutput(images=images, captions=captions, seeds=seeds, latents=torch.cat(latents))
-
-    @torch.no_grad()
-    def caption(self, images, tokenizer=None, temperature=0.0, top_p=1.0):
-        """Captions PIL images (one or a list): `list[str]`, greedy by default."""
-        images = [images] if isinstance(images, Image.Image) else list(images)
-        pixel_values = images_to_pixel_values(images, self.config.image_size).to(self.device, self.dtype)
-        generators = seeded_generators(range(len(images)))
-        return self.caption_pixel_values(pixel_values, tokenizer, temperature, top_p, generators)
-
-    @torch.no_grad()
-    def imagine(self, captions, seed=0, variation=IMAGINE_VARIATION, tokenizer=None):
-        """
-        Draws an engraving for each caption (a string or a list): the text encoder names a latent for the caption, and
-        the seed's N(0, I) draw, scaled by `variation`, moves it (0: the caption's own latent, the same for every
-        seed). Caption `i` uses seed `seed + i`. Returns [`EngravingGenerationOutput`].
-        """
-        captions = [captions] if isinstance(captions, str) else list(captions)
-        seeds = [seed + index for index in range(len(captions))]
-        latents = self.embed_captions(captions, tokenizer) + variation * self.seed_latents(seeds)
-        images = pixel_values_to_images(self.decode_latents(latents))
-        return EngravingGenerationOutput(images=images, captions=captions, seeds=seeds, latents=latents)
-
-    @torch.no_grad()
-    def interpolate(self, seed_a, seed_b, steps=8, tokenizer=None):
-        """
-        Walks from the engraving of `seed_a` to that of `seed_b` in `steps` images, along the great circle between the
-        two seeds' latents (which keeps every step at the norm of a seed's latent). Captions are greedy. Returns
-        [`EngravingGenerationOutput`].
-        """
-        tokenizer = self._require_tokenizer(tokenizer)
-        if steps < 2:
-            raise ValueError(f"`steps` must be at least 2, got {steps}.")
-        latent_a, latent_b = self.seed_latents([seed_a, seed_b]).float()
-        angle = torch.arccos((F.normalize(latent_a, dim=0) @ F.normalize(latent_b, dim=0)).clamp(-1 + 1e-6, 1 - 1e-6))
-        weights = torch.linspace(0, 1, steps, device=latent_a.device)[:, None]
-        latents = (torch.sin((1 - weights) * angle) * latent_a + torch.sin(weights * angle) * latent_b) / torch.sin(
-            angle
-        )
-        pixel_values = self.decode_latents(latents.to(self.dtype))
-        captions = self.caption_pixel_values(pixel_values, tokenizer)
-        images = pixel_values_to_images(pixel_values)
-        return EngravingGenerationOutput(images=images, captions=captions, seeds=[seed_a, seed_b], latents=latents)
-
-
-WORD_PATTERN = re.compile(r"\w+")
-
-
-def caption_words(captions):
-    """The distinct whole words (runs of `\\w`) of `captions`, sorted: a vocabulary for `EngravingConfig.caption_words`."""
-    return sorted({word for caption in captions for word in WORD_PATTERN.findall(caption)})
-
-
-class CaptionWordConstraint:
-    """
-    Keeps decoded captions to whole words of a vocabulary. A row may take a token only if every word the token
-    completes is in the vocabulary and the word it leaves open starts one; it may end (`<eos>`) only on a complete
-    word. A subword decoder trained on a thousand titles otherwise spells new words that are not words.
-
-    The rule is on the text: a token's text splits at non-word characters into the end of the open word, any whole
-    words, and the start of the next. Tokens that are not printable text on their own (control characters, or bytes
-    of a character split across tokens, which a byte-level BPE has for rare letters) are never allowed.
-
-    A mask is built from the words that start with the open word, not by testing every token, and cached per open
-    word; the cache keeps the `max_cached_masks` last used, so a long-running app stays within about 32 MB.
-    """
-
-    def __init__(self, words, tokenizer, vocab_size, eos_token_id, max_cached_masks=4096):
-        self.words = set(words)
-        self.sorted_words = sorted(self.words)
-        self.prefixes = {word[:end] for word in self.words for end in range(len(word) + 1)}
-        self.eos_token_id = eos_token_id
-        self.vocab_size = vocab_size
-        special_ids = set(tokenizer.all_special_ids)
-        self.token_pieces = [None] * vocab_size
-        # Usable tokens, by the text they add to the open word: tokens within a word (`continuing`), and tokens that
-        # end it and whose further words are all known (`ending`), which only the completed word then decides. A
-        # token that is neither keeps no pieces: it is never allowed.
-        self.continuing, self.ending = {}, {}
-        for token_id in range(min(vocab_size, len(tokenizer))):
-            text = tokenizer.decode([token_id])
-            if token_id in special_ids or not text.isprintable() or "\ufffd" in text:
-                continue
-            pieces = re.split(r"\W+", text)
-            if len(pieces) == 1:
-                self.continuing.setdefault(pieces[0], []).append(token_id)
-            elif all(word in self.words for word in pieces[1:-1]) and pieces[-1] in self.prefixes:
-                self.ending.setdefault(pieces[0], []).append(token_id)
-            else:
-                continue
-            self.token_pieces[token_id] = pieces
-        self.masks = OrderedDict()
-        self.max_cached_masks = max_cached_masks
-
-    def next_open_word(self, open_word, token_id):
-        """The open word after `token_id`, or `None` where the token is not allowed after `open_word`."""
-        pieces = self.token_pieces[token_id]
-        if pieces is None:
-            return None
-        if len(pieces) == 1:
-            return open_word + pieces[0] if open_word + pieces[0] in self.prefixes else None
-        completed = open_word + pieces[0]
-        return pieces[-1] if not completed or completed in self.words else None
-
-    def allowed_tokens(self, open_word):
-        """
-        `(vocab_size,)` bool mask of the tokens allowed after `open_word` (those for which `next_open_word` is not
-        `None`), `<eos>` included when the word is complete, or when nothing else is allowed (a word whose remaining
-        letters no token spells).
-        """
-        if open_word in self.masks:
-            self.masks.move_to_end(open_word)
-            return self.masks[open_word]
-        allowed_ids = list(self.ending.get("", [])) if not open_word else []
-        start = bisect.bisect_left(self.sorted_words, open_word)
-        for word in itertools.takewhile(
-            lambda word: word.startswith(open_word), itertools.islice(self.sorted_words, start, None)
-        ):
-            rest = word[len(open_word) :]
-            allowed_ids += self.ending.get(rest, [])
-            for end in range(len(rest) + 1):
-                allowed_ids += self.continuing.get(rest[:end], [])
-        mask = torch.zeros(self.vocab_size, dtype=torch.bool)
-        mask[allowed_ids] = True
-        mask[self.eos_token_id] = not open_word or open_word in self.words or not mask.any()
-        self.masks[open_word] = mask
-        if len(self.masks) > self.max_cached_masks:
-            self.masks.popitem(last=False)
-        return mask
-
-    def drop_half_spelt_word(self, caption):
-        """`caption` without its last word where that word is unfinished: a caption cut at `max_caption_length`."""
-        last_word = re.search(rf"{WORD_PATTERN.pattern}$", caption)
-        if last_word is not None and last_word.group() not in self.words:
-            return caption[: last_word.start()].rstrip()
-        return caption
-
-
-def sample_top_p(logits, top_p, generators=None):
-    """
-    Samples one token per row of `(batch, vocab)` logits from its top-`p` nucleus. Row `i` draws its uniform number
-    from `generators[i]`, so its choice is independent of the other rows.
-    """
-    probabilities = logits.softmax(dim=-1)
-    sorted_probabilities, sorted_indices = probabilities.sort(dim=-1, descending=True)
-    cumulative = sorted_probabilities.cumsum(dim=-1)
-    sorted_probabilities = sorted_probabilities.masked_fill(cumulative - sorted_probabilities > top_p, 0.0)
-    cumulative = sorted_probabilities.cumsum(dim=-1)
-    if generators is None:
-        uniform = torch.rand(logits.shape[0])
-    else:
-        uniform = torch.stack([torch.rand((), generator=generator) for generator in generators])
-    threshold = uniform.to(logits.device)[:, None] * cumulative[:, -1:]
-    choice = (cumulative < threshold).sum(dim=-1).clamp(max=logits.shape[-1] - 1)
-    return sorted_indices.gather(-1, choice[:, None]).squeeze(-1)
+        return self.caption_decoder(latents, self.token_embedding(input_ids), cache)
 
 
 __all__ = [
-    "CaptionWordConstraint",
     "EngravingModel",
     "EngravingPreTrainedModel",
     "EngravingDiscriminator",
-    "EngravingGenerationOutput",
+    "EngravingProjectedDiscriminator",
     "EngravingOutput",
-    "caption_words",
 ]
 
 

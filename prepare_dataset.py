@@ -40,7 +40,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from tqdm.auto import tqdm
 
 from demo_scenes import render_scene
-from modeling_engraving import resize_and_pad
+from pipeline_engraving import resize_and_pad
 
 
 IMAGE_EXTENSIONS = {ext for ext, name in Image.registered_extensions().items() if name in Image.OPEN}

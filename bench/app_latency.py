@@ -1,6 +1,7 @@
 """
-Times the demo's one-seed request, `model.generate(seeds=[seed])`, on a randomly initialised model, and each of its
-parts: the generator (with the PIL conversion), the image encoder that reads the drawing back, and the caption decoding.
+Times the demo's one-seed request, `pipeline(seeds=[seed])`, on a randomly initialised model, and each of its
+parts: the generator (with the PIL conversion), the image encoder that reads the drawing back, and the caption
+decoding.
 
 A random model rarely writes `<eos>`, so its captions run to `max_caption_length`: the caption time is a worst case,
 and the per-token time shows what a trained model's shorter captions cost.
@@ -24,10 +25,11 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from configuration_engraving import EngravingConfig  # noqa: E402
-from modeling_engraving import (  # noqa: E402
+from modeling_engraving import EngravingModel  # noqa: E402
+from pipeline_engraving import (  # noqa: E402
     CAPTION_TEMPERATURE,
     CAPTION_TOP_P,
-    EngravingModel,
+    EngravingPipeline,
     pixel_values_to_images,
     seeded_generators,
 )
@@ -82,30 +84,26 @@ def main():
     caption_words = None if args.unconstrained_captions else words
     config = EngravingConfig.from_preset(args.preset, vocab_size=len(tokenizer), caption_words=caption_words)
     model = EngravingModel(config).eval()
-    model.tokenizer = tokenizer
+    pipeline = EngravingPipeline(model, tokenizer)
     seeds = iter(range(args.seed, args.seed + 4 * (args.runs + 1)))
-    latents = model.seed_latents([args.seed])
+    latents = pipeline.seed_latents([args.seed])
     drawing = model.decode_latents(latents)
 
     def caption():
-        ids = model.generate_caption_ids(
-            latents,
-            CAPTION_TEMPERATURE,
-            CAPTION_TOP_P,
-            seeded_generators([args.seed]),
-            word_constraint=model.caption_word_constraint(tokenizer),
+        ids = pipeline.generate_caption_ids(
+            latents, CAPTION_TEMPERATURE, CAPTION_TOP_P, seeded_generators([args.seed])
         )
         return ids.shape[1] - 1, tokenizer.batch_decode(ids, skip_special_tokens=True)
 
     parts = {
-        "generate(seeds=[s]) total": lambda: model.generate(seeds=[next(seeds)]),
+        "pipeline(seeds=[s]) total": lambda: pipeline(seeds=[next(seeds)]),
         "generator + PIL": lambda: pixel_values_to_images(model.decode_latents(latents)),
         "image encoder": lambda: model.encode_images(drawing),
         "caption decoding": caption,
     }
     autocast = torch.autocast("cpu", dtype=torch.bfloat16) if args.autocast_bfloat16 else contextlib.nullcontext()
     print(
-        f"preset={args.preset} image_size={config.image_size} params={sum(p.numel() for p in model.parameters()) / 1e6:.1f}M "
+        f"preset={args.preset} image_size={config.image_size} params={model.num_parameters() / 1e6:.1f}M "
         f"threads={args.threads} bfloat16={args.autocast_bfloat16} cpu_count={os.cpu_count()} "
         f"load_average={os.getloadavg()[0]:.1f} torch={torch.__version__}"
     )

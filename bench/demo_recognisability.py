@@ -31,7 +31,7 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO_ROOT))
 
 from demo_scenes import POSITION_PHRASES, SUBJECTS, caption_subject_and_position, render_scene  # noqa: E402
-from modeling_engraving import EngravingModel, images_to_pixel_values  # noqa: E402
+from pipeline_engraving import EngravingPipeline, images_to_pixel_values  # noqa: E402
 
 
 POSITIONS = tuple(POSITION_PHRASES)
@@ -129,7 +129,7 @@ def train_classifier(pixel_values, subjects, positions, epochs, seed, batch_size
 
 
 def agreement(classifier, pixel_values, subjects, positions):
-    """Shares of images whose predicted subject, position, and both, match the labels; and the subject's chance level."""
+    """Shares of images whose predicted subject, position, and both, match the labels; and the subject's chance."""
     if len(subjects) == 0:
         nan_shares = dict.fromkeys(("subject", "position", "subject_and_position", "subject_chance"), float("nan"))
         return nan_shares | {"subject_by_class": {}, "misread_as": {}, "count": 0}
@@ -172,14 +172,14 @@ def labelled_images(images, captions, image_size):
     return pixel_values, subjects, positions, len(named) / max(1, len(captions))
 
 
-def sample_rows(model, classifier, num_samples, heldout_captions):
+def sample_rows(pipeline, classifier, num_samples, heldout_captions):
     """
     Agreement of seed samples with the captions written for them, and of the engravings `imagine` draws for held-out
     captions with those captions.
     """
-    size = model.config.image_size
-    seeds = model.generate(seeds=list(range(num_samples)))
-    imagined = model.imagine(heldout_captions[:num_samples], seed=0)
+    size = pipeline.model.config.image_size
+    seeds = pipeline(seeds=list(range(num_samples)))
+    imagined = pipeline.imagine(heldout_captions[:num_samples], seed=0)
     rows = {}
     for name, output in (("seed samples, own captions", seeds), ("caption -> engraving (imagine)", imagined)):
         *labelled, share = labelled_images(output.images, output.captions, size)
@@ -190,7 +190,8 @@ def sample_rows(model, classifier, num_samples, heldout_captions):
 def main(args):
     started = time.perf_counter()
     torch.set_grad_enabled(True)
-    model = EngravingModel.from_pretrained(args.model).eval()
+    pipeline = EngravingPipeline.from_pretrained(args.model)
+    model = pipeline.model
     image_size = model.config.image_size
 
     train_seeds = range(FIRST_RENDER_SEED, FIRST_RENDER_SEED + args.num_train_renders)
@@ -207,7 +208,7 @@ def main(args):
     rows = {
         "held-out renders (ceiling)": agreement(classifier, heldout_pixel_values, heldout_subjects, heldout_positions),
         "reconstructions of them": agreement(classifier, reconstructions, heldout_subjects, heldout_positions),
-        **sample_rows(model, classifier, args.num_samples, heldout_captions),
+        **sample_rows(pipeline, classifier, args.num_samples, heldout_captions),
     }
 
     print(f"\n{args.model}: {image_size} px, {time.perf_counter() - started:.0f} s\n")

@@ -22,7 +22,7 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO_ROOT))
 
 from engraving_features import ImageFeatureExtractor  # noqa: E402
-from modeling_engraving import resize_and_pad  # noqa: E402
+from pipeline_engraving import resize_and_pad  # noqa: E402
 
 
 def parse_args():

@@ -1,4 +1,4 @@
-"""Shared tiny fixtures: a tokenizer, a randomly initialised tiny model, a small captioned DatasetDict and its ImageFolder."""
+"""Shared tiny fixtures: a tokenizer, a random tiny model and its pipeline, a small captioned DatasetDict."""
 
 import json
 import os
@@ -16,7 +16,8 @@ sys.path.insert(0, str(REPO_ROOT))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from configuration_engraving import EngravingConfig  # noqa: E402
-from modeling_engraving import EngravingModel, caption_words  # noqa: E402
+from modeling_engraving import EngravingModel  # noqa: E402
+from pipeline_engraving import EngravingPipeline, caption_words  # noqa: E402
 from tokenization_engraving import train_tokenizer  # noqa: E402
 
 
@@ -69,15 +70,19 @@ def tiny_model(tiny_config, tiny_tokenizer):
     import torch
 
     torch.manual_seed(0)
-    model = EngravingModel(tiny_config).eval()
-    model.tokenizer = tiny_tokenizer
-    return model
+    return EngravingModel(tiny_config).eval()
 
 
 @pytest.fixture(scope="session")
-def tiny_model_dir(tiny_model, tmp_path_factory):
+def tiny_pipeline(tiny_model, tiny_tokenizer):
+    return EngravingPipeline(tiny_model, tiny_tokenizer)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tiny_pipeline, tmp_path_factory):
+    """The tiny pipeline saved as train.py saves `model/`: weights, config, tokenizer and the three code files."""
     path = tmp_path_factory.mktemp("tiny_model")
-    tiny_model.save_pretrained(path)
+    tiny_pipeline.save_pretrained(path)
     return path
 
 
@@ -121,7 +126,7 @@ def tiny_image_folder_dir(tiny_dataset_dir, tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def without_datasets_library(tmp_path_factory):
-    """Environment variables for a subprocess in which `import datasets` and `import evaluate` fail, as on a bare GPU image."""
+    """Environment variables for a subprocess where `import datasets` and `import evaluate` fail, as on a GPU image."""
     path = tmp_path_factory.mktemp("no_datasets")
     for name in ("datasets", "evaluate"):
         (path / f"{name}.py").write_text(f"raise ImportError('{name} is not installed here')\n")

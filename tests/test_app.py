@@ -1,4 +1,5 @@
-"""The Gradio demo, served in-process on a free localhost port with the tiny model, driven by gradio_client and a browser."""
+"""The Gradio demo, served in-process on a free localhost port with the tiny model, driven by gradio_client and
+a browser."""
 
 import os
 import socket

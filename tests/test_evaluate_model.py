@@ -21,7 +21,7 @@ from engraving_features import (
 )
 from evaluate_model import (
     caption_neighbour_agreement,
-    load_splits,
+    load_eval_splits,
     main,
     memorisation,
     near_copy_threshold,
@@ -219,7 +219,7 @@ def test_generated_captions_agree_with_their_images_neighbours_more_than_shuffle
 
 def test_dataset_path_may_be_the_datasetdict_or_the_folder_that_holds_it(tiny_dataset_dir):
     for path in (tiny_dataset_dir, tiny_dataset_dir / "dataset"):
-        validation, train = load_splits(path, "validation", "train")
+        validation, train = load_eval_splits(path, "validation", "train")
         assert (len(validation), len(train)) == (8, 24)
 
 
@@ -227,7 +227,7 @@ def test_dataset_path_may_be_the_datasetdict_or_the_folder_that_holds_it(tiny_da
     "model, dataset, split, message",
     [
         ("missing_model", "data", "validation", "not a folder saved with `save_pretrained`"),
-        ("model", "missing_data", "validation", "holds no DatasetDict"),
+        ("model", "missing_data", "validation", "holds no dataset"),
         ("model", "data", "test", "has no `test` split"),
     ],
 )
@@ -344,7 +344,7 @@ def test_caption_words_keep_captions_to_the_training_split_or_free(
 def test_outputs_saved_without_the_metric_libraries_score_like_a_direct_run(
     tiny_model_dir, tiny_dataset_dir, tiny_image_folder_dir, without_datasets_library, tmp_path
 ):
-    """The GPU-side half (no `datasets`, no `evaluate`, ImageFolder data) and the scoring half give the direct report."""
+    """The GPU-side half (no `datasets` or `evaluate`, ImageFolder data) and scoring give the direct report."""
     common = [
         "--num_samples",
         "6",

@@ -5,18 +5,18 @@ import pytest
 import torch
 
 import export_onnx
-from modeling_engraving import EngravingModel, pixel_values_to_images
+from pipeline_engraving import EngravingPipeline, pixel_values_to_images
 
 
 @pytest.fixture(scope="module")
-def exported_model(tiny_model_dir):
-    return EngravingModel.from_pretrained(tiny_model_dir).eval(), tiny_model_dir
+def exported_pipeline(tiny_model_dir):
+    return EngravingPipeline.from_pretrained(tiny_model_dir), tiny_model_dir
 
 
 @pytest.fixture(scope="module")
-def onnx_dir(exported_model, tmp_path_factory):
+def onnx_dir(exported_pipeline, tmp_path_factory):
     output_dir = tmp_path_factory.mktemp("onnx")
-    export_onnx.main(["--model", str(exported_model[1]), "--output_dir", str(output_dir)])
+    export_onnx.main(["--model", str(exported_pipeline[1]), "--output_dir", str(output_dir)])
     return output_dir
 
 
@@ -26,8 +26,8 @@ def session(path):
     return onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
 
 
-def test_each_graph_matches_pytorch_at_a_new_batch_size_and_length(onnx_dir, exported_model):
-    model, _ = exported_model
+def test_each_graph_matches_pytorch_at_a_new_batch_size_and_length(onnx_dir, exported_pipeline):
+    model = exported_pipeline[0].model
     generator = torch.Generator().manual_seed(1)
     noise = torch.randn(3, model.config.latent_size, generator=generator)
     pixel_values = torch.rand(3, 3, model.config.image_size, model.config.image_size, generator=generator) * 2 - 1
@@ -42,15 +42,15 @@ def test_each_graph_matches_pytorch_at_a_new_batch_size_and_length(onnx_dir, exp
         assert export_onnx.onnx_difference(onnx_dir / name, modules[name], inputs) < 1e-4, name
 
 
-def test_onnx_graphs_reproduce_a_seeds_engraving_and_greedy_caption(onnx_dir, exported_model):
-    model, _ = exported_model
-    config = model.config
+def test_onnx_graphs_reproduce_a_seeds_engraving_and_greedy_caption(onnx_dir, exported_pipeline):
+    pipeline = exported_pipeline[0]
+    config = pipeline.model.config
     seed_latents = torch.randn(config.latent_size, generator=torch.Generator().manual_seed(11))[None].numpy()
     (pixel_values,) = session(onnx_dir / "image_decoder.onnx").run(None, {"latents": seed_latents})
     (latents,) = session(onnx_dir / "image_encoder.onnx").run(None, {"pixel_values": pixel_values})
     caption_step = session(onnx_dir / "caption_decoder_step.onnx")
-    # The runtime keeps to config.caption_words as generate() does, with the same CaptionWordConstraint.
-    word_constraint = model.caption_word_constraint(model.tokenizer)
+    # The runtime keeps to config.caption_words as the pipeline does, with the same CaptionWordConstraint.
+    word_constraint = pipeline.word_constraint
     input_ids, open_word = np.array([[config.bos_token_id]]), ""
     while input_ids.shape[1] < config.max_caption_length and input_ids[0, -1] != config.eos_token_id:
         (logits,) = caption_step.run(None, {"latents": latents, "input_ids": input_ids})
@@ -58,10 +58,10 @@ def test_onnx_graphs_reproduce_a_seeds_engraving_and_greedy_caption(onnx_dir, ex
         input_ids = np.concatenate([input_ids, logits.argmax(-1)[:, None]], axis=1)
         open_word = word_constraint.next_open_word(open_word, int(input_ids[0, -1]))
     caption = word_constraint.drop_half_spelt_word(
-        model.tokenizer.decode(input_ids[0], skip_special_tokens=True).strip()
+        pipeline.tokenizer.decode(input_ids[0], skip_special_tokens=True).strip()
     )
 
-    expected = model.generate(seeds=[11], temperature=0.0)
+    expected = pipeline(seeds=[11], temperature=0.0)
     image = pixel_values_to_images(torch.from_numpy(pixel_values))[0]
     assert np.abs(np.asarray(image, dtype=np.int16) - np.asarray(expected.images[0], dtype=np.int16)).max() <= 1
     assert caption == expected.captions[0]

@@ -8,6 +8,7 @@ from conftest import shape_picture
 from PIL import Image
 
 import generate
+from pipeline_engraving import GRID_MIN_CELL, caption_font, wrap_caption
 
 
 def read_records(output_dir):
@@ -26,7 +27,7 @@ def test_seeds_write_one_png_each_their_captions_and_a_captioned_grid(tiny_model
         assert record["caption"] and record["file"] == f"seed_{record['seed']}.png"
         assert Image.open(tmp_path / record["file"]).size == (tiny_config.image_size, tiny_config.image_size)
     grid = Image.open(tmp_path / "grid.png")
-    assert grid.width == 3 * generate.GRID_MIN_CELL and grid.height > 2 * generate.GRID_MIN_CELL
+    assert grid.width == 3 * GRID_MIN_CELL and grid.height > 2 * GRID_MIN_CELL
 
 
 def test_same_seed_gives_same_engraving_and_caption_in_any_batch(tiny_model_dir, tmp_path):
@@ -45,21 +46,21 @@ def test_interpolation_writes_each_step_and_a_strip(tiny_model_dir, tiny_config,
     records = read_records(tmp_path)
     assert [record["step"] for record in records] == [0, 1, 2, 3]
     assert all((tmp_path / record["file"]).exists() and record["caption"] for record in records)
-    assert Image.open(tmp_path / "interpolation.png").width == 4 * generate.GRID_MIN_CELL
+    assert Image.open(tmp_path / "interpolation.png").width == 4 * GRID_MIN_CELL
 
 
-def test_a_caption_is_drawn_once_per_seed_as_imagine_draws_it(tiny_model, tiny_model_dir, tmp_path):
+def test_a_caption_is_drawn_once_per_seed_as_imagine_draws_it(tiny_pipeline, tiny_model_dir, tmp_path):
     caption = "An engraving depicting a circle on the left"
     args = ["--model", str(tiny_model_dir), "--caption", caption, "--seeds", "3,4,9", "--batch_size", "2"]
     generate.main([*args, "--output_dir", str(tmp_path)])
     records = read_records(tmp_path)
     assert [(record["seed"], record["caption"]) for record in records] == [(3, caption), (4, caption), (9, caption)]
-    expected = tiny_model.imagine([caption, caption], seed=3).images + tiny_model.imagine(caption, seed=9).images
+    expected = tiny_pipeline.imagine([caption, caption], seed=3).images + tiny_pipeline.imagine(caption, seed=9).images
     for record, image in zip(records, expected):
         assert np.abs(pixels(tmp_path / record["file"]) - np.asarray(image, dtype=np.int16)).max() <= 1
 
 
-def test_a_picture_gets_its_caption_and_its_engraved_reconstruction(tiny_model, tiny_model_dir, tmp_path):
+def test_a_picture_gets_its_caption_and_its_engraved_reconstruction(tiny_pipeline, tiny_model_dir, tmp_path):
     picture, _ = shape_picture("cross", "right", size=48)
     picture.save(tmp_path / "cross.png")
     generate.main(
@@ -67,7 +68,7 @@ def test_a_picture_gets_its_caption_and_its_engraved_reconstruction(tiny_model, 
     )
     [record] = read_records(tmp_path)
     assert record["source"] == str(tmp_path / "cross.png")
-    assert record["caption"] == tiny_model.caption(picture)[0]
+    assert record["caption"] == tiny_pipeline.caption(picture)[0]
     assert Image.open(tmp_path / record["file"]).size == (32, 32)
 
 
@@ -97,22 +98,23 @@ def test_an_unreadable_picture_or_model_stops_with_one_clear_sentence(tiny_model
 
 
 def test_grid_captions_draw_the_accented_letters_and_dashes_of_real_titles():
-    font = generate.caption_font(16)
-    # A letter the font lacks is drawn as its "missing glyph" box, the same for every such letter: U+0378 is unassigned.
+    font = caption_font(16)
+    # A letter the font lacks is drawn as a "missing glyph" box, the same for every such letter; U+0378 is unassigned.
     missing = np.asarray(font.getmask("\u0378"))
     for letter in "éè—’œ":
         assert not np.array_equal(np.asarray(font.getmask(letter)), missing), letter
 
 
 def test_grid_captions_wrap_within_their_cell_and_keep_every_word():
-    font = generate.caption_font(12)
+    font = caption_font(12)
     captions = [
-        "An engraving depicting a large windmill in the centre, among hills under a stormy sky beneath a crescent moon",
+        "An engraving depicting a large windmill in the centre, among hills under a stormy sky beneath a crescent "
+        "moon",
         "Mmmm WWWW mmmm WWWW Mmmm WWWW iiii llll iiii",
         "Abbé Cosette — an unbreakablewordwiderthanthecellbyfar",
     ]
     for caption in captions:
-        lines = generate.wrap_caption(caption, font, 120)
+        lines = wrap_caption(caption, font, 120)
         assert " ".join(lines) == " ".join(caption.split())
         assert all(font.getlength(line) <= 120 for line in lines if " " in line)
         # Greedy: no line could have taken the next line's first word.

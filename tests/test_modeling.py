@@ -1,32 +1,13 @@
-"""The Hugging Face contract and the generative behaviour of EngravingModel."""
+"""The networks of EngravingModel: presets, losses, forward, the generator and the discriminators."""
 
-import hashlib
-import json
-import os
-import subprocess
-import sys
-import textwrap
-
-import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import shape_pairs, tiny_training_captions
+from conftest import shape_pairs
 
 from configuration_engraving import EngravingConfig
-from modeling_engraving import (
-    WORD_PATTERN,
-    CaptionWordConstraint,
-    EngravingDiscriminator,
-    EngravingModel,
-    caption_words,
-    diff_augment,
-    images_to_pixel_values,
-)
-
-
-def image_digests(images):
-    return [hashlib.sha256(image.tobytes()).hexdigest() for image in images]
+from modeling_engraving import EngravingDiscriminator, EngravingModel, diff_augment
+from pipeline_engraving import EngravingPipeline, images_to_pixel_values
 
 
 def with_fields(config, **fields):
@@ -167,71 +148,9 @@ def test_projected_discriminator_trains_its_heads_on_frozen_lite1_features(tiny_
     assert fake.grad is not None and fake.grad.abs().sum() > 0
 
 
-def test_same_seed_gives_same_engraving_and_caption(tiny_model):
-    first = tiny_model.generate(seeds=[7, 3])
-    second = tiny_model.generate(seeds=[7, 3])
-    assert image_digests(first.images) == image_digests(second.images)
-    assert first.captions == second.captions
-    assert torch.equal(first.latents, second.latents)
-
-
-def test_different_seeds_give_different_engravings(tiny_model):
-    outputs = tiny_model.generate(seeds=[0, 1, 2, 3])
-    assert len(set(image_digests(outputs.images))) == 4
-
-
-def test_a_batch_of_seeds_equals_the_same_seeds_one_by_one(tiny_model):
-    seeds = [3, 11, 42, 1000]
-    batched = tiny_model.generate(seeds=seeds, temperature=1.0)
-    single = [tiny_model.generate(seeds=[seed], temperature=1.0) for seed in seeds]
-    assert batched.captions == [output.captions[0] for output in single]
-    assert torch.equal(batched.latents, torch.cat([output.latents for output in single]))
-    for image, output in zip(batched.images, single):
-        difference = (
-            torch.tensor(np.asarray(image), dtype=torch.int16) - torch.tensor(np.asarray(output.images[0]))
-        ).abs()
-        # Batched convolutions may round a few pixels to the neighbouring grey level.
-        assert difference.max() <= 1 and (difference > 0).float().mean() < 0.01
-
-
-def test_a_seeds_latent_is_its_normal_draw_and_its_caption_is_that_of_its_drawing(tiny_model):
-    output = tiny_model.generate(seeds=[5], temperature=0.0)
-    assert torch.equal(
-        output.latents[0], torch.randn(tiny_model.config.latent_size, generator=torch.Generator().manual_seed(5))
-    )
-    with torch.no_grad():
-        drawing = tiny_model.decode_latents(output.latents)
-    assert output.captions == tiny_model.caption_latents(tiny_model.encode_images(drawing))
-
-
-def test_public_methods_speak_in_images_and_strings(tiny_model):
-    generated = tiny_model.generate(num_samples=2)
-    assert len(generated.images) == len(generated.captions) == len(generated.seeds) == 2
-    assert all(isinstance(caption, str) for caption in generated.captions)
-    assert len(tiny_model.caption(generated.images[0])) == 1
-    imagined = tiny_model.imagine(["An engraving depicting a circle on the left", "a ship"])
-    assert [image.size for image in imagined.images] == [(32, 32)] * 2
-    walk = tiny_model.interpolate(0, 1, steps=5)
-    assert len(walk.images) == len(walk.captions) == 5
-    endpoints = tiny_model.generate(seeds=[0, 1]).latents
-    assert torch.allclose(walk.latents[[0, -1]], endpoints, atol=1e-4)
-    with pytest.raises(ValueError, match="tokenizer"):
-        EngravingModel(tiny_model.config).generate(seeds=[0])
-
-
-def test_imagine_varies_with_the_seed_only_as_far_as_asked(tiny_model):
-    caption = "An engraving depicting a circle on the left"
-    fixed = [tiny_model.imagine(caption, seed=seed, variation=0.0) for seed in (0, 1)]
-    assert torch.equal(fixed[0].latents, fixed[1].latents)
-    varied = [tiny_model.imagine(caption, seed=seed, variation=0.5) for seed in (0, 1)]
-    assert not torch.equal(varied[0].latents, varied[1].latents)
-    assert torch.allclose(varied[0].latents - fixed[0].latents, 0.5 * tiny_model.seed_latents([0]), atol=1e-5)
-
-
 def test_tiny_model_learns_to_caption_eight_pairs_and_to_invert_its_generator(tiny_config, tiny_tokenizer):
     torch.manual_seed(0)
     model = EngravingModel(tiny_config)
-    model.tokenizer = tiny_tokenizer
     model.generator.requires_grad_(False)  # a fixed generator (BatchNorm on batch statistics): the encoder inverts it
     images, captions = zip(*shape_pairs())
     pixel_values = images_to_pixel_values(images, tiny_config.image_size)
@@ -252,116 +171,14 @@ def test_tiny_model_learns_to_caption_eight_pairs_and_to_invert_its_generator(ti
     (first_latent, first_caption), (last_latent, last_caption) = history[0], history[-1]
     assert last_latent < 0.75 * first_latent
     assert last_caption < first_caption / 20
-    assert model.caption(list(images)) == list(captions)
+    assert EngravingPipeline(model, tiny_tokenizer).caption(list(images)) == list(captions)
 
 
-def test_cached_caption_decoding_matches_running_the_whole_caption(tiny_model):
-    latents = tiny_model.seed_latents([0, 1, 2])
-    ids = tiny_model.generate_caption_ids(latents, temperature=1.0, generators=[torch.Generator().manual_seed(0)] * 3)
-    full = tiny_model.caption_decoder(latents, tiny_model.token_embedding(ids))
-    cache = [{} for _ in tiny_model.caption_decoder.layers]
-    steps = [tiny_model.caption_decoder(latents, tiny_model.token_embedding(ids[:, :1]), cache)]
-    steps += [
-        tiny_model.caption_decoder(latents, tiny_model.token_embedding(ids[:, i : i + 1]), cache)
-        for i in range(1, ids.shape[1])
-    ]
+def test_cached_caption_logits_match_running_the_whole_caption(tiny_model):
+    latents = torch.randn(3, tiny_model.config.latent_size)
+    ids = torch.randint(4, tiny_model.config.vocab_size, (3, 9))
+    full = tiny_model.caption_logits(latents, ids)
+    cache = tiny_model.new_caption_cache()
+    steps = [tiny_model.caption_logits(latents, ids[:, :1], cache)]
+    steps += [tiny_model.caption_logits(latents, ids[:, i : i + 1], cache) for i in range(1, ids.shape[1])]
     assert torch.allclose(torch.cat(steps, dim=1), full, atol=1e-5)
-
-
-def test_word_constraint_follows_words_across_token_boundaries(tiny_tokenizer):
-    words = caption_words(["An engraving depicting a ship beneath the moon"])
-    constraint = CaptionWordConstraint(words, tiny_tokenizer, len(tiny_tokenizer), tiny_tokenizer.eos_token_id)
-    for caption in ["An engraving depicting a ship beneath the moon", "An engraving depicting the ship"]:
-        open_word = ""
-        for token_id in tiny_tokenizer(caption, add_special_tokens=False)["input_ids"]:
-            assert constraint.allowed_tokens(open_word)[token_id]
-            open_word = constraint.next_open_word(open_word, token_id)
-        assert constraint.allowed_tokens(open_word)[tiny_tokenizer.eos_token_id]
-    half_spelt = tiny_tokenizer(" shi", add_special_tokens=False)["input_ids"]
-    open_word = constraint.next_open_word("", half_spelt[0])
-    for token_id in half_spelt[1:]:
-        open_word = constraint.next_open_word(open_word, token_id)
-    assert open_word == "shi" and not constraint.allowed_tokens(open_word)[tiny_tokenizer.eos_token_id]
-    circle, open_word = tiny_tokenizer(" circle", add_special_tokens=False)["input_ids"], ""
-    for token_id in circle[:-1]:
-        open_word = constraint.next_open_word(open_word, token_id) or ""
-    assert not constraint.allowed_tokens(open_word)[circle[-1]], "'circle' is not a word of that vocabulary"
-    assert constraint.drop_half_spelt_word("An engraving depicting a shi") == "An engraving depicting a"
-    # The masks, built from the words, allow exactly the tokens that next_open_word lets through.
-    for open_word in sorted(constraint.prefixes) + ["x", "shipx"]:
-        reference = [
-            constraint.next_open_word(open_word, token_id) is not None for token_id in range(len(tiny_tokenizer))
-        ]
-        mask = constraint.allowed_tokens(open_word).tolist()
-        assert mask[: tiny_tokenizer.eos_token_id] + mask[tiny_tokenizer.eos_token_id + 1 :] == (
-            reference[: tiny_tokenizer.eos_token_id] + reference[tiny_tokenizer.eos_token_id + 1 :]
-        ), open_word
-    bounded = CaptionWordConstraint(
-        words, tiny_tokenizer, len(tiny_tokenizer), tiny_tokenizer.eos_token_id, max_cached_masks=2
-    )
-    for open_word in ["", "s", "sh", "ship"]:
-        assert torch.equal(bounded.allowed_tokens(open_word), constraint.allowed_tokens(open_word))
-    assert list(bounded.masks) == ["sh", "ship"]
-    assert constraint.drop_half_spelt_word("An engraving depicting a ship") == "An engraving depicting a ship"
-
-
-def test_sampled_captions_use_only_the_configured_words(tiny_config, tiny_tokenizer):
-    """Untrained, the decoder samples token soup: free, it spells unknown words; constrained, it cannot."""
-    torch.manual_seed(0)
-    model = EngravingModel(with_fields(tiny_config, caption_words=None)).eval()
-    model.tokenizer = tiny_tokenizer
-    known = set(caption_words(tiny_training_captions()))
-    free = model.generate(seeds=range(8), temperature=1.0, top_p=1.0).captions
-    assert any(set(WORD_PATTERN.findall(caption)) - known for caption in free)
-    model.config.caption_words = sorted(known)
-    constrained = model.generate(seeds=range(8), temperature=1.0, top_p=1.0).captions
-    assert all(set(WORD_PATTERN.findall(caption)) <= known for caption in constrained)
-    assert len(set(constrained)) > 1
-
-
-def load_in_a_fresh_process(model_dir, tmp_path):
-    """What a user gets from `AutoModel.from_pretrained(model_dir, trust_remote_code=True)` in a new interpreter."""
-    script = textwrap.dedent(
-        f"""
-        import hashlib, json
-        from transformers import AutoModel, AutoTokenizer
-        model = AutoModel.from_pretrained({str(model_dir)!r}, trust_remote_code=True).eval()
-        tokenizer = AutoTokenizer.from_pretrained({str(model_dir)!r}, trust_remote_code=True)
-        outputs = model.generate(seeds=[0, 1], tokenizer=tokenizer)
-        print(json.dumps({{
-            "class": type(model).__name__,
-            "digests": [hashlib.sha256(image.tobytes()).hexdigest() for image in outputs.images],
-            "captions": outputs.captions,
-            "ids": tokenizer("An engraving depicting a circle on the left")["input_ids"],
-        }}))
-        """
-    )
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    env.update(HF_HUB_OFFLINE="1", HF_HOME=str(tmp_path / "hf_home"))
-    result = subprocess.run(
-        [sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300
-    )
-    assert result.returncode == 0, result.stderr
-    return json.loads(result.stdout.strip().splitlines()[-1])
-
-
-def test_save_and_load_in_a_fresh_process_gives_identical_outputs(tiny_model, tiny_model_dir, tmp_path):
-    config = json.loads((tiny_model_dir / "config.json").read_text())
-    assert config["auto_map"]["AutoModel"] == "modeling_engraving.EngravingModel"
-    assert (tiny_model_dir / "model.safetensors").exists()
-    assert (tiny_model_dir / "modeling_engraving.py").exists() and (
-        tiny_model_dir / "configuration_engraving.py"
-    ).exists()
-
-    expected = tiny_model.generate(seeds=[0, 1])
-    loaded = load_in_a_fresh_process(tiny_model_dir, tmp_path)
-    assert loaded["class"] == "EngravingModel"
-    assert loaded["digests"] == image_digests(expected.images)
-    assert loaded["captions"] == expected.captions
-    assert loaded["ids"] == tiny_model.tokenizer("An engraving depicting a circle on the left")["input_ids"]
-
-
-def test_loaded_model_carries_its_tokenizer(tiny_model_dir):
-    model = EngravingModel.from_pretrained(tiny_model_dir)
-    assert model.tokenizer is not None
-    assert len(model.generate(seeds=[0]).captions) == 1

@@ -35,7 +35,8 @@ Examples:
 _CITATION = """
 @inproceedings{li2016diversity,
   title={A Diversity-Promoting Objective Function for Neural Conversation Models},
-  author={Li, Jiwei and Galley, Michel and Brockett, Chris and Gao, Jianfeng and Dolan, Bill}, booktitle={NAACL}, year={2016}
+  author={Li, Jiwei and Galley, Michel and Brockett, Chris and Gao, Jianfeng and Dolan, Bill},
+  booktitle={NAACL}, year={2016}
 }
 """
 

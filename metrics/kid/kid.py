@@ -28,7 +28,8 @@ Examples:
 
 _CITATION = """
 @inproceedings{binkowski2018demystifying,
-  title={Demystifying {MMD} {GAN}s}, author={Bi{\\'n}kowski, Miko{\\l}aj and Sutherland, Dougal J. and Arbel, Michael and Gretton, Arthur},
+  title={Demystifying {MMD} {GAN}s},
+  author={Bi{\\'n}kowski, Miko{\\l}aj and Sutherland, Dougal J. and Arbel, Michael and Gretton, Arthur},
   booktitle={ICLR}, year={2018}
 }
 """
