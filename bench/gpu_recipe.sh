@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The GPU recipe on real engravings, in one call of a lent H100/H200 (which has torch, transformers and accelerate
+# The GPU recipe on real engravings, in one run on an H100 or H200 image (one that has torch, transformers and accelerate
 # but not `datasets` or `evaluate`): the base preset at 256 px for MINUTES of training, with the EMA generator's KID
 # x1000 against the validation prints (EfficientNet-Lite0 features) printed after every training minute: a
 # time-to-quality curve. Then, into OUT (at most 8 files come back from a call):
@@ -19,7 +19,7 @@
 #
 #   bash bench/gpu_recipe.sh data/engravings_256 gpu_out 8
 #
-# PRESET, IMAGE_SIZE, BATCH, NUM_SAMPLES and EXTRA (further train.py flags) can be overridden, e.g. to rehearse the
+# PRESET, IMAGE_SIZE, BATCH, NUM_SAMPLES and EXTRA (further train.py flags) can be overridden, e.g. to try the
 # script on a CPU with the tiny preset.
 set -uo pipefail
 DATA=${1:?DATA folder}
