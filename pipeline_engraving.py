@@ -35,6 +35,8 @@ CAPTION_TOP_P = 0.95
 # How far `imagine` strays from the latent a caption names, in units of the N(0, I) seed noise.
 IMAGINE_VARIATION = 0.5
 MAX_SEED = 2**32 - 1
+# Pictures to caption are refused above this (a 6,000 x 6,000 print; 10,000 x 10,000 is not), before decoding.
+MAX_PICTURE_PIXELS = 36_000_000
 # Grid cells are drawn at least this wide, so a 32 px model's samples stay visible beside their captions.
 GRID_MIN_CELL = 128
 WORD_PATTERN = re.compile(r"\w+")
@@ -98,10 +100,18 @@ def pixel_values_to_images(pixel_values):
     return [Image.fromarray(array) for array in pixels.permute(0, 2, 3, 1).cpu().numpy()]
 
 
-def open_image(path):
-    """Opens an image file as RGB, or raises a ValueError that says the file is not a readable image."""
+def open_image(path, max_pixels=MAX_PICTURE_PIXELS):
+    """
+    Opens an image file as RGB, or raises a ValueError that says what is wrong: not a readable image, or more than
+    `max_pixels` pixels (checked from the header, before anything is decoded, so a decompression bomb never is).
+    """
     try:
         with Image.open(path) as image:
+            if image.width * image.height > max_pixels:
+                raise ValueError(
+                    f"{Path(path).name} is {image.width} x {image.height} pixels, more than the {max_pixels:,} this "
+                    "accepts: resize it first."
+                )
             return image.convert("RGB")
     except (OSError, Image.DecompressionBombError) as error:
         raise ValueError(
