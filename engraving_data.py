@@ -102,7 +102,13 @@ def load_splits(path, splits=("train", "validation")):
         )
     from datasets import DatasetDict, load_from_disk
 
-    dataset = load_from_disk(str(folder))
+    try:
+        dataset = load_from_disk(str(folder))
+    except Exception as error:  # `datasets` cannot read a split saved empty, or damaged files: say which folder
+        raise DatasetNotFoundError(
+            f"{folder} could not be read ({type(error).__name__}): a split is empty or a file is damaged; prepare it "
+            "again with prepare_dataset.py."
+        ) from error
     if not isinstance(dataset, DatasetDict):
         raise DatasetNotFoundError(f"{folder} is a single Dataset; pass a DatasetDict with the splits {list(splits)}.")
     for split in splits:

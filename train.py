@@ -843,6 +843,12 @@ def load_training_data(args, accelerator):
         train_split, validation_split = load_splits(args.dataset_path, ("train", "validation"))
     except DatasetNotFoundError as error:
         sys.exit(f"--dataset_path: {error}")
+    for name, split in (("train", train_split), ("validation", validation_split)):
+        if len(split) == 0:
+            sys.exit(
+                f"--dataset_path: the `{name}` split at {args.dataset_path} is empty; prepare_dataset.py keeps a "
+                "tenth of the images for validation, so give it at least ten images."
+            )
     train_captions = list(train_split["caption"])
     with accelerator.main_process_first():
         tokenizer = load_or_train_tokenizer(args, train_captions)
@@ -889,8 +895,14 @@ def resume_state(args, accelerator):
     state = {"global_step": 0, "epoch": 0, "batches_done_in_epoch": 0, "nonfinite_steps": 0, "metrics": []}
     resume_path = resolve_resume_path(args)
     if resume_path is not None:
-        accelerator.load_state(str(resume_path))
-        state = json.loads((resume_path / TRAINING_STATE_NAME).read_text())
+        try:
+            state = json.loads((resume_path / TRAINING_STATE_NAME).read_text())
+            accelerator.load_state(str(resume_path))
+        except Exception as error:  # a damaged file anywhere in the folder: say which folder, not where torch failed
+            sys.exit(
+                f"Could not resume from {resume_path} ({type(error).__name__}): the checkpoint is damaged. Delete it "
+                "and pass an earlier one, or `latest` to take the newest complete one."
+            )
         logger.info(f"Resumed from {resume_path} at step {state['global_step']} (epoch {state['epoch']}).")
     return state
 

@@ -9,6 +9,7 @@ import sys
 import pytest
 import torch
 from conftest import REPO_ROOT
+from PIL import Image
 
 from pipeline_engraving import EngravingPipeline
 from train import TRAINING_STATE_NAME, parse_args, resolve_resume_path
@@ -312,3 +313,53 @@ def test_a_loss_weighted_zero_is_skipped_in_training_and_validation(tiny_dataset
     record = json.loads((tmp_path / "run" / "metrics.json").read_text())[-1]
     assert record["val_loss_reconstruction"] == 0.0 and record["val_loss_caption"] > 0
     assert step_losses(tmp_path / "run")[2]
+
+
+def datasetdict_of(tmp_path, splits):
+    """A DatasetDict of `{split: [(image, caption), ...]}` saved at `tmp_path / "data" / "dataset"`."""
+    from datasets import Dataset, DatasetDict, Features, Value
+    from datasets import Image as ImageFeature
+
+    features = Features({"image": ImageFeature(), "caption": Value("string")})
+    dataset = DatasetDict(
+        {
+            name: Dataset.from_dict(
+                {"image": [r[0] for r in rows], "caption": [r[1] for r in rows]}, features=features
+            )
+            for name, rows in splits.items()
+        }
+    )
+    dataset.save_to_disk(tmp_path / "data" / "dataset")
+    return tmp_path / "data"
+
+
+def test_bad_inputs_stop_training_with_one_sentence_and_no_traceback(tiny_dataset_dir, tmp_path):
+    from conftest import shape_pairs
+
+    pairs = shape_pairs() * 3
+    empty_validation = datasetdict_of(tmp_path / "empty", {"train": pairs, "validation": []})
+    run = tmp_path / "run"
+    assert run_train(tiny_dataset_dir, run, "--max_train_steps", "3", "--checkpointing_steps", "3").returncode == 0
+    (run / "checkpoint-3" / "custom_checkpoint_0.pkl").write_bytes(b"truncated")
+    cases = [
+        (tmp_path / "missing", [], "holds no dataset"),
+        (empty_validation, [], "a split is empty or a file is damaged"),
+        (tiny_dataset_dir, ["--resume_from_checkpoint", str(run / "checkpoint-3")], "the checkpoint is damaged"),
+    ]
+    for dataset, flags, message in cases:
+        result = run_train(dataset, run, "--max_train_steps", "6", *flags)
+        assert result.returncode != 0 and "Traceback" not in result.stderr, result.stderr[-2000:]
+        assert message in result.stderr.strip().splitlines()[-1], result.stderr[-500:]
+
+
+def test_images_of_mixed_sizes_and_shapes_train(tmp_path):
+    from conftest import shape_picture
+
+    pictures = [shape_picture("circle", "left", size)[0] for size in (24, 40, 64)] + [
+        Image.new("RGB", (50, 20), "white")
+    ]
+    rows = [(picture, "An engraving depicting a circle on the left") for picture in pictures * 3]
+    dataset = datasetdict_of(tmp_path, {"train": rows, "validation": rows[:4]})
+    result = run_train(dataset, tmp_path / "run", "--max_train_steps", "2")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert (tmp_path / "run" / "model" / "model.safetensors").is_file()
