@@ -331,6 +331,25 @@ def channel_moments(image):
     return (histogram @ levels).tolist(), (histogram @ levels**2).tolist()
 
 
+# One sentence per reason a file is skipped, for the printed summary; report.json lists every file with its reason.
+SKIP_REASONS = {
+    "unreadable": "the file could not be read or decoded (a broken link, no permission, or a damaged image)",
+    "empty file": "the file has no bytes",
+    "not an image": "the file's contents are not an image Pillow can read, whatever its extension",
+    "decompression bomb": "the image declares more pixels than --max_pixels, so it was not decoded",
+    "animated": "the image has several frames (an animation); engravings are still images",
+    "too small": "the image's shorter side is below --min_size",
+    "truncated": "the image file ends early (an interrupted download or copy)",
+    "exact duplicate": "the file has the same bytes as a kept one",
+    "near duplicate": "the image looks the same as a kept one (perceptual hash within --near_duplicate_threshold)",
+}
+
+
+def skip_summary(reasons):
+    """`{reason: count}` -> one line per reason: its count and the sentence that says what it means."""
+    return [f"{count} skipped, {reason}: {SKIP_REASONS.get(reason, reason)}." for reason, count in reasons.items()]
+
+
 def open_checked(path, settings):
     """
     Opens and decodes an image file. Returns `(image, sha256, original_size, None)`, or `(None, sha256, None, reason)`
@@ -852,7 +871,7 @@ def main(args):
     dataset_dict.save_to_disk(os.path.join(args.output_dir, "dataset"))
     print(
         f"{report['total_files']} files: kept {report['kept']} (train {len(train)}, validation {len(validation)}), "
-        f"skipped {len(skipped)}" + "".join(f"\n  {reason}: {count}" for reason, count in reasons.items())
+        f"skipped {len(skipped)}" + "".join(f"\n  {line}" for line in skip_summary(reasons))
     )
     if ignored:
         print(f"Ignored {len(ignored)} files without an image extension (listed in report.json).")

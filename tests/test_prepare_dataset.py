@@ -145,6 +145,11 @@ def test_every_file_is_accounted_for_in_the_report(prepared):
     }
     assert duplicate_of == {"plain_copy.jpg": "plain.jpg", "wide_resaved.jpg": "wide.png"}
     assert report["total_files"] == 17
+    # The printed summary gives each reason a sentence of its own.
+    assert all(reason in prepare_dataset.SKIP_REASONS for reason in report["skipped_by_reason"])
+    assert prepare_dataset.skip_summary({"too small": 2}) == [
+        "2 skipped, too small: the image's shorter side is below --min_size."
+    ]
     assert report["kept"] == 8
     assert report["kept"] + len(report["skipped"]) == report["total_files"]
     assert sorted(Path(p).name for p in report["ignored_non_image_files"]) == ["metadata.csv", "notes.txt"]
