@@ -12,6 +12,7 @@ its position (left, centre, right) in:
 share times the prediction share. Writes nothing but an optional JSON summary.
 
     python bench/demo_recognisability.py --model outputs/demo/model --num_samples 200
+    python bench/demo_recognisability.py --model outputs/demo/model --adapter outputs/lora/model   # a LoRA adapter
 """
 
 import argparse
@@ -44,6 +45,9 @@ def parse_args(argv=None):
         description="Subject and position agreement of a demo model's images and captions."
     )
     parser.add_argument("--model", required=True, help="A demo model folder written by train.py (with its tokenizer).")
+    parser.add_argument(
+        "--adapter", default=None, help="A LoRA adapter of --model written by train.py --lora_rank, to measure."
+    )
     parser.add_argument("--num_samples", type=int, default=200, help="Seed samples per row (seeds 0..N-1).")
     parser.add_argument("--num_train_renders", type=int, default=6000, help="Renders the classifier trains on.")
     parser.add_argument(
@@ -132,7 +136,7 @@ def agreement(classifier, pixel_values, subjects, positions):
     """Shares of images whose predicted subject, position, and both, match the labels; and the subject's chance."""
     if len(subjects) == 0:
         nan_shares = dict.fromkeys(("subject", "position", "subject_and_position", "subject_chance"), float("nan"))
-        return nan_shares | {"subject_by_class": {}, "misread_as": {}, "count": 0}
+        return nan_shares | {"subject_by_class": {}, "read_as": {}, "named": {}, "misread_as": {}, "count": 0}
     predicted_subjects, predicted_positions = classifier.predict(pixel_values)
     subject_match, position_match = predicted_subjects == subjects, predicted_positions == positions
     label_share = torch.bincount(subjects, minlength=len(SUBJECTS)).float() / len(subjects)
@@ -150,6 +154,8 @@ def agreement(classifier, pixel_values, subjects, positions):
     return {
         "subject": subject_match.float().mean().item(),
         "subject_by_class": by_subject,
+        "read_as": dict(zip(SUBJECTS, prediction_share.tolist())),
+        "named": dict(zip(SUBJECTS, label_share.tolist())),
         "misread_as": dict(misread.most_common()),
         "position": position_match.float().mean().item(),
         "subject_and_position": (subject_match & position_match).float().mean().item(),
@@ -190,7 +196,7 @@ def sample_rows(pipeline, classifier, num_samples, heldout_captions):
 def main(args):
     started = time.perf_counter()
     torch.set_grad_enabled(True)
-    pipeline = EngravingPipeline.from_pretrained(args.model)
+    pipeline = EngravingPipeline.from_pretrained(args.model, adapter_id=args.adapter)
     model = pipeline.model
     image_size = model.config.image_size
 
@@ -211,7 +217,8 @@ def main(args):
         **sample_rows(pipeline, classifier, args.num_samples, heldout_captions),
     }
 
-    print(f"\n{args.model}: {image_size} px, {time.perf_counter() - started:.0f} s\n")
+    name = f"{args.model} + {args.adapter}" if args.adapter else args.model
+    print(f"\n{name}: {image_size} px, {time.perf_counter() - started:.0f} s\n")
     print("| images | subject | position | both | subject by chance | n |")
     print("|---|---:|---:|---:|---:|---:|")
     for name, row in rows.items():
@@ -225,11 +232,18 @@ def main(args):
     for name, row in rows.items():
         shares = [row["subject_by_class"].get(subject) for subject in SUBJECTS]
         print(f"| {name} | " + " | ".join("" if share is None else f"{share:.0%}" for share in shares) + " |")
+    print("\nShare of seed samples the classifier reads as each subject (and whose caption names it)\n")
+    print("| seed samples | " + " | ".join(SUBJECTS) + " |")
+    print("|---|" + "---:|" * len(SUBJECTS))
+    seed_row = rows["seed samples, own captions"]
+    for name, key in (("read as", "read_as"), ("caption names", "named")):
+        print(f"| {name} | " + " | ".join(f"{seed_row[key].get(subject, 0):.0%}" for subject in SUBJECTS) + " |")
     misread = rows["seed samples, own captions"]["misread_as"]
     print("\nSeed samples whose subject was misread (caption's subject -> what the classifier saw): ", end="")
     print(", ".join(f"{pair} {count}" for pair, count in list(misread.items())[:8]) or "none")
     if args.output_json:
-        Path(args.output_json).write_text(json.dumps({"model": args.model, "rows": rows}, indent=2))
+        summary = {"model": args.model, "adapter": args.adapter, "rows": rows}
+        Path(args.output_json).write_text(json.dumps(summary, indent=2))
 
 
 if __name__ == "__main__":
