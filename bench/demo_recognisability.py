@@ -5,6 +5,7 @@ its position (left, centre, right) in:
 
 - held-out renders: the classifier's own ceiling;
 - the model's reconstructions of those renders, against the renders' labels: what the autoencoder keeps;
+- the model's captions of those renders: whether they name the rendered subject and position (no classifier);
 - the model's seed samples, against the subject and position their own caption names;
 - the engravings the model draws for held-out captions (`imagine`), against those captions.
 
@@ -136,7 +137,7 @@ def agreement(classifier, pixel_values, subjects, positions):
     """Shares of images whose predicted subject, position, and both, match the labels; and the subject's chance."""
     if len(subjects) == 0:
         nan_shares = dict.fromkeys(("subject", "position", "subject_and_position", "subject_chance"), float("nan"))
-        return nan_shares | {"subject_by_class": {}, "read_as": {}, "named": {}, "misread_as": {}, "count": 0}
+        return nan_shares | {"subject_by_class": {}, "misread_as": {}, "count": 0}
     predicted_subjects, predicted_positions = classifier.predict(pixel_values)
     subject_match, position_match = predicted_subjects == subjects, predicted_positions == positions
     label_share = torch.bincount(subjects, minlength=len(SUBJECTS)).float() / len(subjects)
@@ -154,12 +155,41 @@ def agreement(classifier, pixel_values, subjects, positions):
     return {
         "subject": subject_match.float().mean().item(),
         "subject_by_class": by_subject,
-        "read_as": dict(zip(SUBJECTS, prediction_share.tolist())),
-        "named": dict(zip(SUBJECTS, label_share.tolist())),
         "misread_as": dict(misread.most_common()),
         "position": position_match.float().mean().item(),
         "subject_and_position": (subject_match & position_match).float().mean().item(),
         "subject_chance": (label_share * prediction_share).sum().item(),
+        "count": len(subjects),
+    }
+
+
+def caption_agreement(captions, subjects, positions):
+    """
+    Shares of `captions` (the model's captions of labelled renders) that name the labelled subject, position and both,
+    in `agreement`'s format; a caption naming no subject counts as a miss.
+    """
+    named = [caption_subject_and_position(caption) for caption in captions]
+    named_subjects = torch.tensor([SUBJECTS.index(s) if s else -1 for s, _ in named])
+    named_positions = torch.tensor([POSITIONS.index(p) if p else -1 for _, p in named])
+    subject_match, position_match = named_subjects == subjects, named_positions == positions
+    label_share = torch.bincount(subjects, minlength=len(SUBJECTS)).float() / len(subjects)
+    named_share = torch.bincount(named_subjects.clamp(min=0), minlength=len(SUBJECTS)).float() / len(subjects)
+    misread = Counter(
+        f"{SUBJECTS[label]} -> {SUBJECTS[name] if name >= 0 else 'none'}"
+        for label, name in zip(subjects.tolist(), named_subjects.tolist())
+        if label != name
+    )
+    return {
+        "subject": subject_match.float().mean().item(),
+        "subject_by_class": {
+            name: subject_match[subjects == index].float().mean().item()
+            for index, name in enumerate(SUBJECTS)
+            if (subjects == index).any()
+        },
+        "misread_as": dict(misread.most_common()),
+        "position": position_match.float().mean().item(),
+        "subject_and_position": (subject_match & position_match).float().mean().item(),
+        "subject_chance": (label_share * named_share).sum().item(),
         "count": len(subjects),
     }
 
@@ -190,6 +220,13 @@ def sample_rows(pipeline, classifier, num_samples, heldout_captions):
     for name, output in (("seed samples, own captions", seeds), ("caption -> engraving (imagine)", imagined)):
         *labelled, share = labelled_images(output.images, output.captions, size)
         rows[name] = {**agreement(classifier, *labelled), "captions_naming_both": share}
+    # Every seed sample, whatever its caption says: which subject the classifier reads, and which its caption names.
+    read = classifier.predict(images_to_pixel_values(seeds.images, size))[0]
+    named = Counter(caption_subject_and_position(caption)[0] for caption in seeds.captions)
+    rows["seed samples, own captions"]["read_as"] = {
+        s: (read == i).float().mean().item() for i, s in enumerate(SUBJECTS)
+    }
+    rows["seed samples, own captions"]["named"] = {subject: named[subject] / num_samples for subject in SUBJECTS}
     return rows
 
 
@@ -211,9 +248,13 @@ def main(args):
         reconstructions = torch.cat(
             [model.decode_latents(model.encode_images(chunk)).clamp(-1, 1) for chunk in heldout_pixel_values.split(64)]
         )
+    captions = [
+        caption for chunk in heldout_pixel_values.split(64) for caption in pipeline.caption_pixel_values(chunk)
+    ]
     rows = {
         "held-out renders (ceiling)": agreement(classifier, heldout_pixel_values, heldout_subjects, heldout_positions),
         "reconstructions of them": agreement(classifier, reconstructions, heldout_subjects, heldout_positions),
+        "captions of them (subject named)": caption_agreement(captions, heldout_subjects, heldout_positions),
         **sample_rows(pipeline, classifier, args.num_samples, heldout_captions),
     }
 
@@ -232,7 +273,7 @@ def main(args):
     for name, row in rows.items():
         shares = [row["subject_by_class"].get(subject) for subject in SUBJECTS]
         print(f"| {name} | " + " | ".join("" if share is None else f"{share:.0%}" for share in shares) + " |")
-    print("\nShare of seed samples the classifier reads as each subject (and whose caption names it)\n")
+    print(f"\nShare of all {args.num_samples} seed samples read as each subject, and whose caption names it\n")
     print("| seed samples | " + " | ".join(SUBJECTS) + " |")
     print("|---|" + "---:|" * len(SUBJECTS))
     seed_row = rows["seed samples, own captions"]
