@@ -350,7 +350,8 @@ def load_or_train_tokenizer(args, captions):
     saved = Path(args.output_dir) / "tokenizer"
     path = args.tokenizer_path or args.base_model or (saved if saved.is_dir() else None)
     if path is not None:
-        return AutoTokenizer.from_pretrained(path)
+        # --base_model's folder holds its configuration code, which registers its config class for the tokenizer.
+        return AutoTokenizer.from_pretrained(path, trust_remote_code=path == args.base_model)
     tokenizer = train_tokenizer(captions, vocab_size=args.vocab_size)
     tokenizer.save_pretrained(saved)
     logger.info(f"Trained a {len(tokenizer)}-token BPE on {len(captions)} training captions; saved to {saved}.")
@@ -999,9 +1000,11 @@ def start_logging(accelerator, args, data, networks, max_train_steps, steps_per_
         }
         accelerator.init_trackers("engraving", config=hyperparameters)
     model, discriminator, _ = networks
+    trainable = sum(parameter.numel() for parameter in model.parameters() if parameter.requires_grad)
+    what = f"a rank-{args.lora_rank} LoRA adapter of {args.base_model}" if args.lora_rank else f"{args.preset} preset"
     logger.info(
-        f"Training {model.num_parameters() / 1e6:.1f}M parameters and a "
-        f"{sum(p.numel() for p in discriminator.parameters()) / 1e6:.1f}M discriminator ({args.preset} preset, "
+        f"Training {trainable / 1e6:.2f}M parameters and a "
+        f"{sum(p.numel() for p in discriminator.parameters()) / 1e6:.1f}M discriminator ({what}, "
         f"{data.config.image_size} px) on {len(data.train_cache)} images, {accelerator.num_processes} process(es) x "
         f"batch {args.train_batch_size}, {max_train_steps} steps ({steps_per_epoch} per epoch)."
     )
