@@ -92,7 +92,8 @@ def test_lora_adapter_reloads_in_a_fresh_process_and_merges_to_the_same_model(lo
     result = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr[-3000:]
 
-    # The fresh process draws and captions seeds exactly as the training process did when it saved the adapter.
+    # The fresh process draws and captions seeds exactly as the training process did when it saved the adapter: the
+    # adapter holds everything that trained, and the base model's BatchNorm statistics did not move.
     trained = Image.open(lora_run / "model" / "samples.png").convert("RGB")
     reloaded = Image.open(tmp_path / "reloaded.png").convert("RGB")
     assert ImageChops.difference(trained, reloaded).getbbox() is None
