@@ -4,6 +4,7 @@ caption, and captions of an uploaded picture.
 
     MODEL_ID=outputs/demo/model python app.py      # a folder written by train.py
     MODEL_ID=your-name/engraving python app.py     # or a Hub model id
+    MODEL_ID=outputs/demo/model ADAPTER_ID=outputs/lora/model python app.py   # with a LoRA adapter of it
 
 The model loads once at start. Requests queue and run one at a time, except that waiting one-seed requests are drawn
 together, up to MAX_BATCH_SIZE in one pass (Gradio's batching); beyond QUEUE_MAX_SIZE waiting requests, a request is
@@ -159,14 +160,20 @@ def build_demo(pipeline):
 
 
 def main(**launch_kwargs):
-    """Loads the model named by MODEL_ID once, then serves the demo; keyword arguments go to `launch`."""
+    """
+    Loads the model named by MODEL_ID (with the LoRA adapter ADAPTER_ID, if set) once, then serves the demo; keyword
+    arguments go to `launch`.
+    """
     model_id = os.environ.get("MODEL_ID", DEFAULT_MODEL_ID)
     try:
         pipeline = EngravingPipeline.from_pretrained(
-            model_id, device="cuda" if torch.cuda.is_available() else "cpu", generator_dtype=generator_dtype()
+            model_id,
+            device="cuda" if torch.cuda.is_available() else "cpu",
+            adapter_id=os.environ.get("ADAPTER_ID") or None,
+            generator_dtype=generator_dtype(),
         )
     except ValueError as error:
-        raise SystemExit(f"error: {error} Set MODEL_ID to choose the model.") from None
+        raise SystemExit(f"error: {error} Set MODEL_ID (and ADAPTER_ID) to choose the model.") from None
     demo = build_demo(pipeline)
     demo.queue(default_concurrency_limit=1, max_size=QUEUE_MAX_SIZE)
     demo.launch(max_file_size=MAX_UPLOAD_SIZE, css=CSS, **launch_kwargs)

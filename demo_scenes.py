@@ -544,6 +544,11 @@ def ink_on_paper(ink, image_size, rng):
     return Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8), "RGB")
 
 
+def scene_subject(seed: int):
+    """The main subject of the scene `render_scene(seed, ...)` draws, without drawing it."""
+    return sample_scene(random.Random(seed)).subject
+
+
 def render_scene(seed: int, image_size: int):
     """
     Renders the procedural engraving for `seed` as an `image_size` x `image_size` RGB PIL image.

@@ -13,6 +13,7 @@ repo carries it; from the Hub, load it with `transformers.dynamic_module_utils.g
 
 import bisect
 import itertools
+import json
 import math
 import re
 import shutil
@@ -40,6 +41,9 @@ MAX_PICTURE_PIXELS = 36_000_000
 # Grid cells are drawn at least this wide, so a 32 px model's samples stay visible beside their captions.
 GRID_MIN_CELL = 128
 WORD_PATTERN = re.compile(r"\w+")
+# A LoRA adapter's folder keeps the caption words of its training captions here: config.caption_words of the base
+# model joined by the new ones (the adapter's own config holds only peft's fields).
+ADAPTER_CAPTION_WORDS_NAME = "caption_words.json"
 
 
 @dataclass
@@ -285,6 +289,33 @@ class CaptionWordConstraint(LogitsProcessor):
         return caption
 
 
+def load_adapter(model, adapter_id):
+    """
+    `model` wrapped in a peft `PeftModel` with the LoRA adapter `adapter_id` (a folder or Hub id), its config's
+    caption words those the adapter was trained with.
+    """
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import EntryNotFoundError
+    from peft import PeftModel
+
+    try:
+        model = PeftModel.from_pretrained(model, adapter_id)
+    except (OSError, ValueError) as error:
+        raise ValueError(
+            f"Could not load a LoRA adapter from {adapter_id!r} ({type(error).__name__}): give a folder written by "
+            "train.py --lora_rank for this base model, or a Hub id of one."
+        ) from error
+    path = Path(adapter_id) / ADAPTER_CAPTION_WORDS_NAME
+    if not Path(adapter_id).is_dir():
+        try:
+            path = Path(hf_hub_download(adapter_id, ADAPTER_CAPTION_WORDS_NAME))
+        except EntryNotFoundError:
+            return model
+    if path.is_file():
+        model.config.caption_words = json.loads(path.read_text())
+    return model
+
+
 def sample_top_p(logits, top_p, generators=None):
     """
     Samples one token per row of `(batch, vocab)` logits from its top-`p` nucleus. Row `i` draws its uniform number
@@ -337,11 +368,15 @@ class EngravingPipeline:
         )
 
     @classmethod
-    def from_pretrained(cls, pretrained_model_name_or_path, device="cpu", generator_dtype=None, **kwargs):
+    def from_pretrained(
+        cls, pretrained_model_name_or_path, device="cpu", adapter_id=None, generator_dtype=None, **kwargs
+    ):
         """
         Loads the model (running the modeling code saved with it, `trust_remote_code`, as `AutoModel` does on the
         Hub) and its tokenizer, in eval mode on `device`, from a folder written by train.py or a Hub id. `kwargs` go
-        to both `from_pretrained` calls (`revision`, `token`, `cache_dir`, `local_files_only`, ...).
+        to both `from_pretrained` calls (`revision`, `token`, `cache_dir`, `local_files_only`, ...). `adapter_id`, a
+        LoRA adapter folder (or Hub id) written by `train.py --lora_rank`, wraps the model in a peft `PeftModel`;
+        `generator_dtype` is as in `EngravingPipeline`.
         """
         try:
             model = AutoModel.from_pretrained(pretrained_model_name_or_path, trust_remote_code=True, **kwargs)
@@ -356,14 +391,22 @@ class EngravingPipeline:
             raise ValueError(
                 f"{pretrained_model_name_or_path!r} has no tokenizer: save the model with its tokenizer for captions."
             ) from error
+        if adapter_id is not None:
+            model = load_adapter(model, adapter_id)
         return cls(model.to(device).eval(), tokenizer, generator_dtype)
 
     def save_pretrained(self, save_directory, **kwargs):
-        """Saves the model, its tokenizer and this file, so that the folder (or a Hub repo of it) loads as it is."""
+        """
+        Saves the model, its tokenizer and this file, so that the folder (or a Hub repo of it) loads as it is. For a
+        peft model, the model is its adapter (weights and `adapter_config.json`), with its caption words.
+        """
         self.model.save_pretrained(save_directory, **kwargs)
         if kwargs.get("is_main_process", True):
             self.tokenizer.save_pretrained(save_directory)
             shutil.copy(__file__, Path(save_directory) / "pipeline_engraving.py")
+            if hasattr(self.model, "peft_config"):
+                words = json.dumps(self.model.config.caption_words)
+                (Path(save_directory) / ADAPTER_CAPTION_WORDS_NAME).write_text(words)
 
     def to(self, device):
         self.model.to(device)

@@ -39,7 +39,7 @@ from kagglehub.handle import parse_dataset_handle
 from PIL import Image, ImageOps, UnidentifiedImageError
 from tqdm.auto import tqdm
 
-from demo_scenes import render_scene
+from demo_scenes import SUBJECTS, render_scene, scene_subject
 from pipeline_engraving import resize_and_pad
 
 
@@ -91,6 +91,19 @@ def parse_args(argv=None):
     )
     source.add_argument("--num_images", type=int, default=1000, help="How many procedural images --source demo makes.")
     source.add_argument("--seed", type=int, default=0, help="First seed of the demo scenes.")
+    source.add_argument(
+        "--only_subject",
+        choices=SUBJECTS,
+        default=None,
+        help="--source demo: keep only scenes of this main subject (the next seeds fill --num_images).",
+    )
+    source.add_argument(
+        "--exclude_subject",
+        action="append",
+        choices=SUBJECTS,
+        default=[],
+        help="--source demo: leave out scenes of this main subject (the next seeds fill --num_images); repeatable.",
+    )
 
     cleaning = parser.add_argument_group("cleaning")
     cleaning.add_argument("--min_size", type=int, default=64, help="Skip images whose shorter side is below this.")
@@ -782,10 +795,25 @@ def push_to_hub(dataset_dict, args):
     print(f"Pushed {len(plan)} files to https://huggingface.co/datasets/{args.push_to_hub}")
 
 
+def demo_seeds(args):
+    """The first --num_images seeds from --seed whose scene passes --only_subject and --exclude_subject."""
+    if args.only_subject in args.exclude_subject:
+        raise UserError(f"--only_subject {args.only_subject} is also excluded; drop one of the two options.")
+    seeds, seed = [], args.seed
+    while len(seeds) < args.num_images:
+        subject = scene_subject(seed)
+        if subject not in args.exclude_subject and args.only_subject in (None, subject):
+            seeds.append(seed)
+        seed += 1
+    return seeds
+
+
 def resolve_source(args):
     """The items to process, `(relative path, absolute path or None, demo seed or None)`, and the ignored files."""
     if args.source == "demo":
-        return [(f"demo/{seed:06d}.png", None, seed) for seed in range(args.seed, args.seed + args.num_images)], []
+        return [(f"demo/{seed:06d}.png", None, seed) for seed in demo_seeds(args)], []
+    if args.only_subject or args.exclude_subject:
+        raise UserError("--only_subject and --exclude_subject filter the demo scenes; use them with --source demo.")
     if args.source.startswith("kaggle:"):
         root = download_kaggle(args.source[len("kaggle:") :])
     elif args.source.startswith("hf:"):

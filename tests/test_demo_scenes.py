@@ -111,6 +111,7 @@ def test_recognisability_benchmark_scores_a_saved_model(tiny_model_dir, tmp_path
     assert list(rows) == [
         "held-out renders (ceiling)",
         "reconstructions of them",
+        "captions of them (subject named)",
         "seed samples, own captions",
         "caption -> engraving (imagine)",
     ]
@@ -121,3 +122,6 @@ def test_recognisability_benchmark_scores_a_saved_model(tiny_model_dir, tmp_path
             assert sum(row["misread_as"].values()) == round(row["count"] * (1 - row["subject"]))
     # An untrained tiny model's captions name no demo subject, so its sample rows score nothing rather than fail.
     assert rows["seed samples, own captions"]["count"] <= 4
+    # Every seed sample is read as exactly one subject, whatever its caption names.
+    assert math.isclose(sum(rows["seed samples, own captions"]["read_as"].values()), 1.0, abs_tol=1e-6)
+    assert rows["captions of them (subject named)"]["count"] == 16

@@ -20,7 +20,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 import prepare_dataset  # noqa: E402
-from demo_scenes import render_scene  # noqa: E402
+from demo_scenes import render_scene, scene_subject  # noqa: E402
 
 
 IMAGE_SIZE = 48
@@ -457,3 +457,17 @@ def test_remote_sources_fail_fast_offline_with_one_sentence(remote, tmp_path, mo
     assert time.perf_counter() - start < 20
     message = str(error.value)
     assert message.startswith("Cannot ") and message.count(". ") == 0 and message.endswith(".")
+
+
+def test_demo_subject_options_keep_or_leave_out_one_subject_and_still_fill_num_images():
+    def seeds(*flags):
+        arguments = ["--source", "demo", "--output_dir", "unused", *flags]
+        return prepare_dataset.demo_seeds(prepare_dataset.parse_args(arguments))
+
+    windmills = seeds("--num_images", "6", "--only_subject", "windmill")
+    others = seeds("--num_images", "40", "--exclude_subject", "windmill")
+    assert len(windmills) == 6 and {scene_subject(seed) for seed in windmills} == {"windmill"}
+    assert len(others) == 40 and "windmill" not in {scene_subject(seed) for seed in others}
+    assert all(render_scene(seed, 32)[1].count("windmill") for seed in windmills)
+    with pytest.raises(prepare_dataset.UserError, match="also excluded"):
+        seeds("--only_subject", "ship", "--exclude_subject", "ship")
