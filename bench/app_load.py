@@ -135,6 +135,8 @@ def main():
         "median_seconds": round(statistics.median(answered), 3) if answered else None,
         "p95_seconds": round(answered[int(0.95 * (len(answered) - 1))], 3) if answered else None,
         "server_memory_mb": {"start": round(memory[0]), "peak": round(max(memory)), "end": round(memory[-1])},
+        # One sample every ten seconds, to see whether memory levels off.
+        "server_memory_mb_every_10_s": [round(value) for value in memory[::10]],
     }
     print(json.dumps(report, indent=2))
     if args.output_json:
