@@ -173,9 +173,13 @@ def seeded_generators(seeds):
     return [torch.Generator().manual_seed(int(seed)) for seed in seeds]
 
 
-def seed_latents(seeds, latent_size):
-    """`(len(seeds), latent_size)` CPU latents: each integer seed's N(0, I) draw, whatever else is in the batch."""
-    return torch.stack([torch.randn(latent_size, generator=generator) for generator in seeded_generators(seeds)])
+def seed_latents(seeds, latent_size, generators=None):
+    """
+    `(len(seeds), latent_size)` CPU latents: each integer seed's N(0, I) draw, whatever else is in the batch. Pass the
+    seeds' `generators` to keep drawing from them after the latents.
+    """
+    generators = seeded_generators(seeds) if generators is None else generators
+    return torch.stack([torch.randn(latent_size, generator=generator) for generator in generators])
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -430,9 +434,9 @@ class EngravingPipeline:
         with torch.autocast(self.device.type, dtype=self.generator_dtype):
             return self.model.decode_latents(latents).to(self.dtype)
 
-    def seed_latents(self, seeds):
-        """`(len(seeds), latent_size)` latents of integer seeds, on the model's device and dtype."""
-        return seed_latents(seeds, self.model.config.latent_size).to(self.device, self.dtype)
+    def seed_latents(self, seeds, generators=None):
+        """`seed_latents` of the integer seeds (and their generators), on the model's device and dtype."""
+        return seed_latents(seeds, self.model.config.latent_size, generators).to(self.device, self.dtype)
 
     @torch.no_grad()
     def generate_caption_ids(self, latents, temperature=0.0, top_p=1.0, generators=None, max_length=None):
@@ -513,12 +517,10 @@ class EngravingPipeline:
         images, captions, latents = [], [], []
         for start in range(0, len(seeds), batch_size):
             chunk = seeds[start : start + batch_size]
-            chunk_latents = self.seed_latents(chunk)
-            pixel_values = self.draw(chunk_latents)
-            # The caption's randomness continues from a generator of the same seed, after the latent's draw.
+            # The caption's randomness continues from each seed's generator, after the latent's draw.
             generators = seeded_generators(chunk)
-            for generator in generators:
-                torch.randn(self.model.config.latent_size, generator=generator)
+            chunk_latents = self.seed_latents(chunk, generators)
+            pixel_values = self.draw(chunk_latents)
             images += pixel_values_to_images(pixel_values)
             captions += self.caption_pixel_values(pixel_values, temperature, top_p, generators)
             latents.append(chunk_latents)
