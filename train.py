@@ -730,12 +730,8 @@ Or with peft: `PeftModel.from_pretrained(AutoModel.from_pretrained("{args.base_m
     return metadata, usage, note
 
 
-def write_model_card(directory, args, config, record, num_train_images):
-    """README.md with YAML metadata, the sample grid and the validation metrics of a saved model (or adapter)."""
-    metrics = "\n".join(
-        f"| {name} | {value:.4f} |" for name, value in record.items() if name.startswith(("val_", "kid"))
-    )
-    model_id = args.hub_model_id or "PATH_TO_THIS_FOLDER"
+def model_card_sections(config, model_id, preset):
+    """The model card's YAML lines, loading snippet and note of a whole model."""
     metadata = "library_name: transformers\npipeline_tag: unconditional-image-generation\n"
     usage = f"""```python
 from transformers.dynamic_module_utils import get_class_from_dynamic_module
@@ -745,9 +741,20 @@ pipe = EngravingPipeline.from_pretrained("{model_id}")
 output = pipe(seeds=[0, 1, 2, 3])
 output.images[0].save("engraving.png"); print(output.captions)
 ```"""
-    note = f"The {args.preset} preset at {config.image_size} px."
+    note = f"The {preset} preset at {config.image_size} px."
+    return metadata, usage, note
+
+
+def write_model_card(directory, args, config, record, num_train_images):
+    """README.md with YAML metadata, the sample grid and the validation metrics of a saved model (or adapter)."""
+    metrics = "\n".join(
+        f"| {name} | {value:.4f} |" for name, value in record.items() if name.startswith(("val_", "kid"))
+    )
+    model_id = args.hub_model_id or "PATH_TO_THIS_FOLDER"
     if args.base_model is not None:
         metadata, usage, note = adapter_card_sections(args, model_id)
+    else:
+        metadata, usage, note = model_card_sections(config, model_id, args.preset)
     card = f"""---
 {metadata}tags:
 - engraving
