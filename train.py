@@ -56,6 +56,8 @@ logger = get_logger(__name__, log_level="INFO")
 
 CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d+)$")
 TRAINING_STATE_NAME = "training_state.json"
+# The prior images' seeds start here, clear of the low seeds that sample grids and benchmarks show.
+PRIOR_IMAGE_FIRST_SEED = 1_000_000
 ENCODER_LOSS_NAMES = ["loss_reconstruction", "loss_latent", "loss_caption", "loss_contrastive", "loss_text_latent"]
 LOSS_NAMES = ["loss", *ENCODER_LOSS_NAMES, "loss_generator", "loss_discriminator", "loss_discriminator_reconstruction"]
 # FastGAN's and most GANs' Adam momentum for the generator and the discriminator: a low beta1 keeps the two players'
@@ -134,6 +136,14 @@ def add_data_and_model_arguments(parser):
         "of --base_model stays frozen (the discriminator trains in full). model/ then holds the adapter.",
     )
     lora.add_argument("--lora_alpha", type=float, default=None, help="LoRA scale numerator (default: the rank).")
+    lora.add_argument(
+        "--num_prior_images",
+        type=int,
+        default=0,
+        help="Prior preservation (as in DreamBooth): --base_model first draws this many seed samples with their "
+        "captions, which join the training set, so that the adapter keeps what the base model drew while it learns "
+        "the new prints. No base dataset is needed.",
+    )
     model.add_argument(
         "--config_overrides",
         nargs="*",
@@ -305,6 +315,8 @@ def parse_args(argv=None):
         parser.error("--base_model and --lora_rank go together: pass both to adapt a trained model, or neither.")
     if args.lora_rank is not None and (args.lora_rank < 1 or args.image_size or args.config_overrides):
         parser.error("--lora_rank must be at least 1, and a LoRA run keeps --base_model's configuration.")
+    if args.num_prior_images and args.base_model is None:
+        parser.error("--num_prior_images draws from --base_model: it is for LoRA runs.")
     return args
 
 
@@ -328,6 +340,19 @@ def parse_config_overrides(items):
         except json.JSONDecodeError:
             overrides[key] = value
     return overrides
+
+
+def draw_prior_images(args, device):
+    """
+    --num_prior_images seed samples of --base_model, the images it already draws, with their captions: uint8
+    `(N, 3, S, S)` pixels and a list of strings. Seeded, so every process and every resume draws the same ones.
+    """
+    pipeline = EngravingPipeline.from_pretrained(args.base_model).to(device)
+    seeds = range(PRIOR_IMAGE_FIRST_SEED, PRIOR_IMAGE_FIRST_SEED + args.num_prior_images)
+    samples = pipeline(seeds=seeds, batch_size=args.eval_batch_size)
+    pixels = np.stack([np.asarray(image).transpose(2, 0, 1) for image in samples.images])
+    logger.info(f"Drew {len(seeds)} prior images of {args.base_model} (seeds from {PRIOR_IMAGE_FIRST_SEED}).")
+    return pixels, samples.captions
 
 
 def tokenize_captions(tokenizer, captions, max_length):
@@ -727,6 +752,8 @@ Or with peft: `PeftModel.from_pretrained(AutoModel.from_pretrained("{args.base_m
         f"A rank-{args.lora_rank} LoRA adapter (alpha {args.lora_alpha or args.lora_rank}) of `{args.base_model}` on "
         "its generator's convolutions and its caption decoder's attention, the rest of the model frozen."
     )
+    if args.num_prior_images:
+        note += f" {args.num_prior_images} of the base model's own seed samples joined the training prints."
     return metadata, usage, note
 
 
@@ -954,12 +981,17 @@ def load_training_data(args, accelerator):
                 "tenth of the images for validation, so give it at least ten images."
             )
     train_captions = list(train_split["caption"])
+    if args.num_prior_images:
+        prior_pixels, prior_captions = draw_prior_images(args, accelerator.device)
     with accelerator.main_process_first():
         tokenizer = load_or_train_tokenizer(args, train_captions)
     config = build_config(args, tokenizer, train_captions)
     with accelerator.main_process_first():
         train_pixels = decode_to_cache(train_split, config.image_size, args.cache_dir)
         validation_pixels = decode_to_cache(validation_split, config.image_size, args.cache_dir)
+    if args.num_prior_images:
+        train_pixels = np.concatenate([train_pixels, prior_pixels])
+        train_captions += prior_captions
     train_ids, train_mask = tokenize_captions(tokenizer, train_captions, config.max_caption_length)
     validation_captions = tokenize_captions(tokenizer, validation_split["caption"], config.max_caption_length)
     return TrainingData(

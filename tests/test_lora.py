@@ -6,12 +6,14 @@ import sys
 
 import pytest
 import torch
+from accelerate import PartialState
 from conftest import REPO_ROOT
 from PIL import Image, ImageChops
 from safetensors.torch import load_file
 from test_train import run_train, step_losses, validation_records
 
-from train import parse_args
+from pipeline_engraving import EngravingPipeline
+from train import PRIOR_IMAGE_FIRST_SEED, draw_prior_images, parse_args
 
 
 # High learning rates, so that three steps move the adapter (its B matrices start at zero) well away from the base.
@@ -122,6 +124,34 @@ def test_resumed_lora_run_gives_the_same_losses_and_adapter(lora_run, tiny_datas
     expected = load_file(lora_run / "model" / "adapter_model.safetensors")
     actual = load_file(tmp_path / "b" / "model" / "adapter_model.safetensors")
     assert all(torch.equal(actual[name], expected[name]) for name in expected)
+
+
+def test_prior_images_are_the_base_models_own_seed_samples_and_captions(tiny_model_dir):
+    args = parse_args(
+        ["--dataset_path", "data", "--output_dir", "out", "--base_model", str(tiny_model_dir), "--lora_rank", "4"]
+        + ["--num_prior_images", "3"]
+    )
+    PartialState()  # train.py's logger is accelerate's
+    pixels, captions = draw_prior_images(args, torch.device("cpu"))
+    samples = EngravingPipeline.from_pretrained(tiny_model_dir)(seeds=[PRIOR_IMAGE_FIRST_SEED + i for i in range(3)])
+    assert pixels.dtype.name == "uint8" and pixels.shape[0] == 3
+    assert [Image.fromarray(p.transpose(1, 2, 0)).tobytes() for p in pixels] == [i.tobytes() for i in samples.images]
+    assert captions == samples.captions
+
+
+def test_lora_run_with_prior_images_trains_on_them_and_says_so(tiny_dataset_dir, tiny_model_dir, tmp_path):
+    flags = ["--base_model", str(tiny_model_dir), "--max_train_steps", "2", "--num_prior_images", "8", *LORA_FLAGS]
+    result = run_train(tiny_dataset_dir, tmp_path / "run", *flags)
+    assert result.returncode == 0, result.stderr[-3000:]
+    log = (tmp_path / "run" / "training.log").read_text()
+    assert "Drew 8 prior images" in log and "on 32 images" in log  # the 24 training shapes and the 8 prior images
+    assert "8 of the base model's own seed samples joined" in (tmp_path / "run" / "model" / "README.md").read_text()
+
+
+def test_prior_images_without_a_base_model_stop_with_one_sentence(capsys):
+    with pytest.raises(SystemExit):
+        parse_args(["--dataset_path", "data", "--output_dir", "out", "--num_prior_images", "8"])
+    assert "--num_prior_images draws from --base_model" in capsys.readouterr().err
 
 
 def test_lora_flags_without_a_base_model_stop_with_one_sentence(capsys):
