@@ -158,3 +158,23 @@ def test_lora_flags_without_a_base_model_stop_with_one_sentence(capsys):
     with pytest.raises(SystemExit):
         parse_args(["--dataset_path", "data", "--output_dir", "out", "--lora_rank", "4"])
     assert "--base_model and --lora_rank go together" in capsys.readouterr().err
+
+
+def test_the_app_serves_the_adapted_model_with_model_id_and_adapter_id(lora_run, tiny_model_dir, monkeypatch):
+    from gradio_client import Client
+    from test_app import free_port
+
+    import app
+
+    monkeypatch.setenv("MODEL_ID", str(tiny_model_dir))
+    monkeypatch.setenv("ADAPTER_ID", str(lora_run / "model"))
+    demo = app.main(server_name="127.0.0.1", server_port=free_port(), prevent_thread_lock=True, quiet=True)
+    try:
+        image_path, caption = Client(demo.local_url, verbose=False).predict(3, api_name="/generate")
+    finally:
+        demo.close()
+    adapted = EngravingPipeline.from_pretrained(tiny_model_dir, adapter_id=lora_run / "model")(seeds=[3])
+    base = EngravingPipeline.from_pretrained(tiny_model_dir)(seeds=[3])
+    served = Image.open(image_path).convert("RGB")
+    assert ImageChops.difference(served, adapted.images[0]).getbbox() is None and caption == adapted.captions[0]
+    assert ImageChops.difference(served, base.images[0]).getbbox() is not None
