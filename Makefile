@@ -22,7 +22,7 @@ test: setup
 demo: setup
 	HF_HUB_OFFLINE=1 $(PY) prepare_dataset.py --source demo --num_images 2000 --image_size 64 --output_dir $(DEMO_DATA)
 	HF_HUB_OFFLINE=1 $(PY) train.py --dataset_path $(DEMO_DATA) --preset demo --output_dir $(DEMO_DIR) \
-		--train_batch_size 16 --generator_learning_rate 5e-4 --discriminator_learning_rate 5e-4 --max_train_steps 1000000 --max_train_minutes 4 --validation_epochs 1000 \
+		--train_batch_size 16 --generator_learning_rate 1e-3 --discriminator_learning_rate 2.5e-4 --max_train_steps 1000000 --max_train_minutes 4 --validation_epochs 1000 \
 		--checkpointing_steps 1000000 --logging_steps 50
 
 clean:
