@@ -10,7 +10,7 @@ from accelerate import PartialState
 from conftest import REPO_ROOT
 from PIL import Image, ImageChops
 from safetensors.torch import load_file
-from test_train import run_train, step_losses, validation_records
+from test_train import run_train, step_losses, two_cpu_processes, validation_records
 
 from pipeline_engraving import EngravingPipeline
 from train import PRIOR_IMAGE_FIRST_SEED, draw_prior_images, parse_args
@@ -146,6 +146,25 @@ def test_lora_run_with_prior_images_trains_on_them_and_says_so(tiny_dataset_dir,
     log = (tmp_path / "run" / "training.log").read_text()
     assert "Drew 8 prior images" in log and "on 32 images" in log  # the 24 training shapes and the 8 prior images
     assert "8 of the base model's own seed samples joined" in (tmp_path / "run" / "model" / "README.md").read_text()
+
+
+def test_two_processes_train_an_adapter_with_prior_images(tiny_dataset_dir, tiny_model_dir, tmp_path):
+    flags = ["--base_model", str(tiny_model_dir), "--max_train_steps", "2", "--num_prior_images", "8", *LORA_FLAGS]
+    result = run_train(
+        tiny_dataset_dir,
+        tmp_path / "run",
+        *flags,
+        "--train_batch_size",
+        "4",
+        launcher=two_cpu_processes(29518),
+        environment={"ACCELERATE_USE_CPU": "1"},
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    log = (tmp_path / "run" / "training.log").read_text()
+    # Both processes drew the same prior images, so the 32 images split into 4 steps of 2 x 4.
+    assert "on 32 images, 2 process(es) x batch 4" in log and "(4 per epoch)" in log
+    adapted = EngravingPipeline.from_pretrained(tiny_model_dir, adapter_id=tmp_path / "run" / "model")(seeds=[3])
+    assert len(adapted.captions) == 1
 
 
 def test_prior_images_without_a_base_model_stop_with_one_sentence(capsys):

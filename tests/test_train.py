@@ -49,6 +49,26 @@ def run_train(dataset_dir, output_dir, *flags, launcher=(sys.executable,), envir
     return subprocess.run(command, cwd=REPO_ROOT, env=environment, capture_output=True, text=True, timeout=240)
 
 
+def two_cpu_processes(port):
+    """Accelerate's multi-process launcher for train.py, on two CPU processes that talk over gloo on `port`."""
+    return (
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--multi_gpu",
+        "--num_processes",
+        "2",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "--main_process_port",
+        str(port),
+    )
+
+
 def step_losses(output_dir):
     """`{step: losses}` of the per-step training log lines (the last logged for each step), throughput left out."""
     lines = [
@@ -198,23 +218,6 @@ def test_checkpoints_are_renamed_into_place_and_pruned_to_the_limit(tiny_dataset
 
 
 def test_two_processes_split_the_batch_and_only_the_main_one_logs_and_saves(tiny_dataset_dir, tmp_path):
-    # Accelerate's multi-process launcher, on CPU processes that talk over gloo.
-    launcher = (
-        sys.executable,
-        "-m",
-        "accelerate.commands.launch",
-        "--multi_gpu",
-        "--num_processes",
-        "2",
-        "--num_machines",
-        "1",
-        "--mixed_precision",
-        "no",
-        "--dynamo_backend",
-        "no",
-        "--main_process_port",
-        "29517",
-    )
     result = run_train(
         tiny_dataset_dir,
         tmp_path / "run",
@@ -224,7 +227,7 @@ def test_two_processes_split_the_batch_and_only_the_main_one_logs_and_saves(tiny
         "4",
         "--checkpointing_steps",
         "3",
-        launcher=launcher,
+        launcher=two_cpu_processes(29517),
         environment={"ACCELERATE_USE_CPU": "1"},
     )
     assert result.returncode == 0, result.stderr[-3000:]
