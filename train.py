@@ -981,8 +981,6 @@ def load_training_data(args, accelerator):
                 "tenth of the images for validation, so give it at least ten images."
             )
     train_captions = list(train_split["caption"])
-    if args.num_prior_images:
-        prior_pixels, prior_captions = draw_prior_images(args, accelerator.device)
     with accelerator.main_process_first():
         tokenizer = load_or_train_tokenizer(args, train_captions)
     config = build_config(args, tokenizer, train_captions)
@@ -990,6 +988,7 @@ def load_training_data(args, accelerator):
         train_pixels = decode_to_cache(train_split, config.image_size, args.cache_dir)
         validation_pixels = decode_to_cache(validation_split, config.image_size, args.cache_dir)
     if args.num_prior_images:
+        prior_pixels, prior_captions = draw_prior_images(args, accelerator.device)
         train_pixels = np.concatenate([train_pixels, prior_pixels])
         train_captions += prior_captions
     train_ids, train_mask = tokenize_captions(tokenizer, train_captions, config.max_caption_length)
