@@ -25,7 +25,9 @@ ENGRAVING_PRESETS = {
     },
     # `make demo`: the procedural demo scenes at 64 px, trained on 2 CPU cores in a few minutes. DiffAugment translates
     # only: 2,000 freshly drawn scenes need no defence against memorising, and in a 4-minute run colour and cutout
-    # held the layout back (BENCHMARKS.md, "make demo").
+    # held the layout back. The generator also draws each scene from its caption (L1), and seeds sample a caption
+    # first: in 4 minutes the adversarial loss alone drew dark masses, not subjects (BENCHMARKS.md, "make demo").
+    # The encoder's reconstruction loss is off: its extra generator pass cost a sixth of the steps for nothing.
     "demo": {
         "image_size": 64,
         "latent_size": 128,
@@ -33,6 +35,9 @@ ENGRAVING_PRESETS = {
         "encoder_channels": [128, 64, 32, 16],
         "discriminator_channels": [64, 32, 16],
         "diff_augment_policy": "translation",
+        "caption_drawing_loss_weight": 30.0,
+        "caption_prior_share": 0.1,
+        "reconstruction_loss_weight": 0.0,
         "text_hidden_size": 128,
         "text_num_heads": 4,
         "text_num_layers": 2,
@@ -105,6 +110,17 @@ class EngravingConfig(PretrainedConfig):
             the encoder on real prints).
         text_latent_loss_weight (`float`, *optional*, defaults to 1.0):
             Weight of the text encoder's regression to the image latents, which lets a caption pick a latent to draw.
+        caption_drawing_loss_weight (`float`, *optional*, defaults to 0.0):
+            Weight of the L1 distance between a real print and the generator's drawing of a latent sampled from its
+            caption's posterior `N(mean, variance)` (the text encoder's): a supervised shape signal that teaches the
+            generator what each caption looks like far faster than the adversarial loss alone. 0 turns it off.
+        caption_kl_loss_weight (`float`, *optional*, defaults to 0.01):
+            Weight of the KL divergence from the captions' posteriors to the seeds' `N(0, I)`, which keeps the latents
+            that captions pick where seeds land.
+        caption_prior_share (`float`, *optional*, defaults to 0.0):
+            Share of training captions the caption decoder writes from the zero latent, which makes it a language model
+            of the captions too. With `caption_drawing_loss_weight`, a seed samples its caption from that prior and the
+            generator draws a latent from the caption's posterior.
         caption_words (`list[str]`, *optional*):
             The whole words decoded captions may use; train.py sets them from the training captions. `None` leaves
             decoding free over the BPE vocabulary.
@@ -147,6 +163,9 @@ class EngravingConfig(PretrainedConfig):
         latent_loss_weight=1.0,
         reconstruction_loss_weight=1.0,
         text_latent_loss_weight=1.0,
+        caption_drawing_loss_weight=0.0,
+        caption_kl_loss_weight=0.01,
+        caption_prior_share=0.0,
         caption_words=None,
         initializer_range=0.02,
         pad_token_id=0,
@@ -176,6 +195,9 @@ class EngravingConfig(PretrainedConfig):
         self.latent_loss_weight = latent_loss_weight
         self.reconstruction_loss_weight = reconstruction_loss_weight
         self.text_latent_loss_weight = text_latent_loss_weight
+        self.caption_drawing_loss_weight = caption_drawing_loss_weight
+        self.caption_kl_loss_weight = caption_kl_loss_weight
+        self.caption_prior_share = caption_prior_share
         self.caption_words = list(caption_words) if caption_words else None
         self.initializer_range = initializer_range
         super().__init__(

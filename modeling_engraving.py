@@ -477,7 +477,10 @@ class EngravingTransformerLayer(nn.Module):
 
 
 class EngravingTextEncoder(nn.Module):
-    """Bidirectional Transformer from caption token embeddings to a `(batch, latent_size)` text latent (mean pool)."""
+    """
+    Bidirectional Transformer from caption token embeddings to a `(batch, latent_size)` text latent (mean pool): the
+    mean of the caption's posterior over the generator's latents, whose log-variance it also gives on request.
+    """
 
     def __init__(self, config):
         super().__init__()
@@ -485,8 +488,9 @@ class EngravingTextEncoder(nn.Module):
         self.layers = nn.ModuleList(EngravingTransformerLayer(config) for _ in range(config.text_encoder_num_layers))
         self.norm = nn.LayerNorm(config.text_hidden_size)
         self.projection = nn.Linear(config.text_hidden_size, config.latent_size)
+        self.to_log_variance = nn.Linear(config.text_hidden_size, config.latent_size)
 
-    def forward(self, token_embeddings, attention_mask):
+    def forward(self, token_embeddings, attention_mask, return_log_variance=False):
         length = token_embeddings.shape[1]
         hidden_states = token_embeddings + self.position_embedding.weight[:length]
         key_mask = attention_mask.bool()[:, None, None, :]
@@ -494,6 +498,8 @@ class EngravingTextEncoder(nn.Module):
             hidden_states = layer(hidden_states, attention_mask=key_mask)
         weights = attention_mask[..., None].to(hidden_states.dtype)
         pooled = (self.norm(hidden_states) * weights).sum(1) / weights.sum(1).clamp(min=1.0)
+        if return_log_variance:
+            return self.projection(pooled), self.to_log_variance(pooled)
         return self.projection(pooled)
 
 
@@ -632,6 +638,21 @@ class EngravingModel(EngravingPreTrainedModel):
         targets = torch.arange(logits.shape[0], device=logits.device)
         return 0.5 * (F.cross_entropy(logits, targets) + F.cross_entropy(logits.T, targets))
 
+    def sample_caption_latents(self, input_ids, attention_mask, noise=None):
+        """
+        Latents drawn from each caption's posterior `N(mean, variance)` (the text encoder's), `mean + std * noise`
+        with `noise ~ N(0, I)` unless given, and the KL divergence of those posteriors from `N(0, I)` (the batch mean
+        of its sum over latent dimensions). Returns `(latents, loss_caption_kl)`.
+        """
+        mean, log_variance = self.text_encoder(
+            self.token_embedding(input_ids), attention_mask, return_log_variance=True
+        )
+        mean, log_variance = mean.float(), log_variance.float().clamp(-10.0, 10.0)
+        noise = torch.randn_like(mean) if noise is None else noise.float()
+        latents = mean + noise * (0.5 * log_variance).exp()
+        loss_caption_kl = 0.5 * (mean.square() + log_variance.exp() - 1.0 - log_variance).sum(-1).mean()
+        return latents, loss_caption_kl
+
     def forward(
         self,
         pixel_values,
@@ -659,17 +680,23 @@ class EngravingModel(EngravingPreTrainedModel):
         Returns:
             [`EngravingOutput`].
         """
+        config = self.config
         latents = self.image_encoder(pixel_values)
         text_latents = caption_logits = None
         if input_ids is not None:
             attention_mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask
             token_embeddings = self.token_embedding(input_ids)
-            caption_logits = self.caption_decoder(latents, token_embeddings[:, :-1])
+            caption_latents = latents
+            if self.training and config.caption_prior_share:
+                # Some captions are decoded from the zero latent: the decoder also learns the captions' prior, from
+                # which seeds sample theirs.
+                keep = torch.rand(latents.shape[0], 1, device=latents.device) >= config.caption_prior_share
+                caption_latents = latents * keep.to(latents.dtype)
+            caption_logits = self.caption_decoder(caption_latents, token_embeddings[:, :-1])
             text_latents = self.text_encoder(token_embeddings, attention_mask)
         if not return_loss:
             return EngravingOutput(latents=latents, text_latents=text_latents, caption_logits=caption_logits)
 
-        config = self.config
         losses = {}
         if config.reconstruction_loss_weight:
             losses["loss_reconstruction"] = F.l1_loss(self.generator(latents).float(), pixel_values.float())

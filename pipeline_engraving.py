@@ -463,14 +463,38 @@ class EngravingPipeline:
                 break
         return input_ids
 
-    @torch.no_grad()
-    def caption_latents(self, latents, temperature=0.0, top_p=1.0, generators=None):
-        """Captions `(batch, latent_size)` latents: `list[str]`, greedy by default, in `config.caption_words`."""
-        ids = self.generate_caption_ids(latents, temperature, top_p, generators)
+    def decode_caption_ids(self, ids):
+        """`(batch, length)` caption token ids -> `list[str]`, without a word the length limit cut half-spelt."""
         captions = [text.strip() for text in self.tokenizer.batch_decode(ids, skip_special_tokens=True)]
         if self.word_constraint is not None:
             captions = [self.word_constraint.drop_half_spelt_word(caption) for caption in captions]
         return captions
+
+    @torch.no_grad()
+    def caption_latents(self, latents, temperature=0.0, top_p=1.0, generators=None):
+        """Captions `(batch, latent_size)` latents: `list[str]`, greedy by default, in `config.caption_words`."""
+        return self.decode_caption_ids(self.generate_caption_ids(latents, temperature, top_p, generators))
+
+    @torch.no_grad()
+    def draw_seeds(self, seeds, temperature=CAPTION_TEMPERATURE, top_p=CAPTION_TOP_P):
+        """
+        Each integer seed's latent, engraving `(batch, 3, image_size, image_size)` and caption, whatever else is in
+        the batch. A model trained to draw captions (`caption_drawing_loss_weight`) first samples the seed's caption
+        from the captions' prior (the caption decoder on the zero latent), then draws the latent `mean + std * noise`
+        from that caption's posterior with the seed's `N(0, I)` noise: the caption is what the engraving was drawn
+        from. Otherwise the seed's noise is the latent, and the caption is the encoder's reading of the engraving.
+        Either way the caption's sampling continues from each seed's generator, after the noise's draw.
+        """
+        generators = seeded_generators(seeds)
+        latents = self.seed_latents(seeds, generators)
+        if not self.model.config.caption_drawing_loss_weight:
+            pixel_values = self.draw(latents)
+            return latents, pixel_values, self.caption_pixel_values(pixel_values, temperature, top_p, generators)
+        caption_ids = self.generate_caption_ids(torch.zeros_like(latents), temperature, top_p, generators)
+        attention_mask = (caption_ids != self.model.config.pad_token_id).long()
+        latents, _ = self.model.sample_caption_latents(caption_ids, attention_mask, noise=latents)
+        latents = latents.to(self.dtype)
+        return latents, self.draw(latents), self.decode_caption_ids(caption_ids)
 
     @torch.no_grad()
     def caption_pixel_values(self, pixel_values, temperature=0.0, top_p=1.0, generators=None):
@@ -480,6 +504,11 @@ class EngravingPipeline:
     @torch.no_grad()
     def embed_captions(self, captions):
         """Caption strings -> `(batch, latent_size)` text latents: the alignment embedding, in the image latents."""
+        batch = self.tokenize(captions)
+        return self.model.encode_text(batch["input_ids"], batch["attention_mask"])
+
+    def tokenize(self, captions):
+        """Caption strings -> padded `input_ids` and `attention_mask` on the model's device."""
         batch = self.tokenizer(
             list(captions),
             padding=True,
@@ -487,7 +516,7 @@ class EngravingPipeline:
             max_length=self.model.config.max_caption_length,
             return_tensors="pt",
         )
-        return self.model.encode_text(batch["input_ids"].to(self.device), batch["attention_mask"].to(self.device))
+        return {name: batch[name].to(self.device) for name in ["input_ids", "attention_mask"]}
 
     # ------------------------------------------------------------------------------------------------------------
     # Seeds, PIL images and strings in; PIL images and strings out.
@@ -517,12 +546,9 @@ class EngravingPipeline:
         images, captions, latents = [], [], []
         for start in range(0, len(seeds), batch_size):
             chunk = seeds[start : start + batch_size]
-            # The caption's randomness continues from each seed's generator, after the latent's draw.
-            generators = seeded_generators(chunk)
-            chunk_latents = self.seed_latents(chunk, generators)
-            pixel_values = self.draw(chunk_latents)
+            chunk_latents, pixel_values, chunk_captions = self.draw_seeds(chunk, temperature, top_p)
             images += pixel_values_to_images(pixel_values)
-            captions += self.caption_pixel_values(pixel_values, temperature, top_p, generators)
+            captions += chunk_captions
             latents.append(chunk_latents)
         return EngravingPipelineOutput(images=images, captions=captions, seeds=seeds, latents=torch.cat(latents))
 
@@ -554,7 +580,14 @@ class EngravingPipeline:
         """
         captions = [captions] if isinstance(captions, str) else list(captions)
         seeds = [seed + index for index in range(len(captions))]
-        latents = self.embed_captions(captions) + variation * self.seed_latents(seeds)
+        noise = variation * self.seed_latents(seeds)
+        if self.model.config.caption_drawing_loss_weight:
+            # Within the caption's posterior: the seed's noise scaled by the posterior's spread.
+            batch = self.tokenize(captions)
+            latents = self.model.sample_caption_latents(batch["input_ids"], batch["attention_mask"], noise=noise)[0]
+            latents = latents.to(self.dtype)
+        else:
+            latents = self.embed_captions(captions) + noise
         images = pixel_values_to_images(self.draw(latents))
         return EngravingPipelineOutput(images=images, captions=captions, seeds=seeds, latents=latents)
 
@@ -567,7 +600,7 @@ class EngravingPipeline:
         """
         if steps < 2:
             raise ValueError(f"`steps` must be at least 2, got {steps}.")
-        latent_a, latent_b = self.seed_latents([seed_a, seed_b]).float()
+        latent_a, latent_b = self.draw_seeds([seed_a, seed_b])[0].float()
         cosine = F.normalize(latent_a, dim=0) @ F.normalize(latent_b, dim=0)
         angle = torch.arccos(cosine.clamp(-1 + 1e-6, 1 - 1e-6))
         weights = torch.linspace(0, 1, steps, device=latent_a.device)[:, None]

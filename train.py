@@ -37,6 +37,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from accelerate import Accelerator
 from accelerate.logging import get_logger
 from accelerate.utils import ProjectConfiguration, set_seed
@@ -59,7 +60,6 @@ TRAINING_STATE_NAME = "training_state.json"
 # The prior images' seeds start here, clear of the low seeds that sample grids and benchmarks show.
 PRIOR_IMAGE_FIRST_SEED = 1_000_000
 ENCODER_LOSS_NAMES = ["loss_reconstruction", "loss_latent", "loss_caption", "loss_contrastive", "loss_text_latent"]
-LOSS_NAMES = ["loss", *ENCODER_LOSS_NAMES, "loss_generator", "loss_discriminator", "loss_discriminator_reconstruction"]
 # FastGAN's and most GANs' Adam momentum for the generator and the discriminator: a low beta1 keeps the two players'
 # updates from carrying stale directions across the game.
 GAN_ADAM_BETAS = (0.5, 0.999)
@@ -523,13 +523,14 @@ def average_gradients(accelerator, parameters):
         gradient.copy_(averaged)
 
 
-def optimizer_step(accelerator, optimizer, loss, max_grad_norm=None):
+def optimizer_step(accelerator, optimizer, loss, max_grad_norm=None, zero_grad=True):
     """
-    Backward of `loss` into the optimizer's freshly zeroed gradients, averaged over processes, (clipped,) and one step
-    of the optimizer's own parameters.
+    Backward of `loss` into the optimizer's freshly zeroed gradients (or, with `zero_grad=False`, added to those an
+    earlier backward left), averaged over processes, (clipped,) and one step of the optimizer's own parameters.
     """
     parameters = [parameter for group in optimizer.param_groups for parameter in group["params"]]
-    optimizer.zero_grad(set_to_none=True)
+    if zero_grad:
+        optimizer.zero_grad(set_to_none=True)
     accelerator.backward(loss)
     average_gradients(accelerator, parameters)
     if max_grad_norm is not None:
@@ -543,7 +544,8 @@ def training_step(accelerator, networks, optimizers, pixel_values, input_ids, at
 
     1. the discriminator, on the real batch and a generated one of the same size (hinge loss and its self-supervised
        reconstruction);
-    2. the generator, against the updated discriminator (hinge loss), then its EMA;
+    2. the generator, against the updated discriminator (hinge loss) and, with `caption_drawing_loss_weight`, drawing
+       the real prints from their captions' posteriors; then its EMA;
     3. the encoder and the caption path: the generated images' latents regressed, the real prints' latents drawn back
        by the generator (L1), their captions decoded and aligned.
 
@@ -552,8 +554,15 @@ def training_step(accelerator, networks, optimizers, pixel_values, input_ids, at
     """
     model, discriminator, generator_ema = networks
     generator_optimizer, discriminator_optimizer, encoder_optimizer = optimizers
-    latents = torch.randn(pixel_values.shape[0], model.config.latent_size, device=pixel_values.device)
+    config = model.config
+    drawing_captions = bool(config.caption_drawing_loss_weight) and input_ids is not None
+    # The caption drawing's gradient reaches the text encoder in step 2 and is stepped with the rest of its in step 3.
+    encoder_optimizer.zero_grad(set_to_none=True)
     with accelerator.autocast():
+        if drawing_captions:
+            latents, loss_caption_kl = model.sample_caption_latents(input_ids, attention_mask)
+        else:
+            latents = torch.randn(pixel_values.shape[0], config.latent_size, device=pixel_values.device)
         generated = model.generator(latents)
         loss_adversarial, loss_self_reconstruction = discriminator.discriminator_loss(pixel_values, generated.detach())
         loss_discriminator = loss_adversarial + loss_self_reconstruction
@@ -561,26 +570,40 @@ def training_step(accelerator, networks, optimizers, pixel_values, input_ids, at
         return None
     optimizer_step(accelerator, discriminator_optimizer, loss_discriminator)
 
+    losses = {}
     with accelerator.autocast():
         loss_generator = discriminator.generator_loss(generated)
-    if not all_processes_finite(accelerator, loss_generator):
+        loss_generator_total = loss_generator
+        if drawing_captions:
+            # The fakes were drawn from the real prints' captions: each should also look like its own print.
+            loss_caption_drawing = F.l1_loss(generated.float(), pixel_values.float())
+            loss_generator_total = (
+                loss_generator
+                + config.caption_drawing_loss_weight * loss_caption_drawing
+                + config.caption_kl_loss_weight * loss_caption_kl
+            )
+            losses["loss_caption_drawing"] = loss_caption_drawing.detach().float()
+            losses["loss_caption_kl"] = loss_caption_kl.detach().float()
+    if not all_processes_finite(accelerator, loss_generator_total):
         return None
-    optimizer_step(accelerator, generator_optimizer, loss_generator)
+    optimizer_step(accelerator, generator_optimizer, loss_generator_total)
     generator_ema.update_parameters(model.generator)
 
     with accelerator.autocast():
-        outputs = model(pixel_values, input_ids, attention_mask, generated.detach(), latents)
+        outputs = model(pixel_values, input_ids, attention_mask, generated.detach(), latents.detach())
     if not all_processes_finite(accelerator, outputs.loss):
         return None
-    optimizer_step(accelerator, encoder_optimizer, outputs.loss, max_grad_norm)
+    optimizer_step(accelerator, encoder_optimizer, outputs.loss, max_grad_norm, zero_grad=False)
     # The reconstruction reached the generator's weights too; its own step starts from zeroed gradients.
     generator_optimizer.zero_grad(set_to_none=True)
 
-    losses = {
-        name: outputs[name].detach().float()
-        for name in ["loss", *ENCODER_LOSS_NAMES]
-        if getattr(outputs, name) is not None
-    }
+    losses.update(
+        {
+            name: outputs[name].detach().float()
+            for name in ["loss", *ENCODER_LOSS_NAMES]
+            if getattr(outputs, name) is not None
+        }
+    )
     losses["loss_generator"] = loss_generator.detach().float()
     losses["loss_discriminator"] = loss_adversarial.detach().float()
     losses["loss_discriminator_reconstruction"] = loss_self_reconstruction.detach().float()
@@ -725,14 +748,12 @@ class KIDMonitor:
         return self.extractor(pixel_values_to_images(pixel_values), description="KID features")
 
     @torch.no_grad()
-    def __call__(self, generator, latent_size, device):
+    def __call__(self, pipeline):
+        """KID x1000 of the pipeline's seeds 0 to `num_samples - 1`, drawn as users draw them."""
         from engraving_features import kernel_inception_distance
 
-        generator_seed = torch.Generator().manual_seed(0)
-        features = []
-        for start in range(0, self.num_samples, 64):
-            latents = torch.randn(min(64, self.num_samples - start), latent_size, generator=generator_seed)
-            features.append(self.features(generator(latents.to(device))))
+        seeds = list(range(self.num_samples))
+        features = [self.features(pipeline.draw_seeds(chunk)[1]) for chunk in torch.tensor(seeds).split(64)]
         return 1000 * kernel_inception_distance(torch.cat(features), self.real_features)[0]
 
 
@@ -937,12 +958,12 @@ class LossWindow:
         self.reset()
 
     def reset(self):
-        self.totals, self.steps, self.step_seconds = dict.fromkeys(LOSS_NAMES, 0.0), 0, 0.0
+        self.totals, self.steps, self.step_seconds = {}, 0, 0.0
         self.start = time.perf_counter()
 
     def add(self, losses, step_seconds):
         for name, value in losses.items():
-            self.totals[name] += value
+            self.totals[name] = self.totals.get(name, 0.0) + value
         self.steps += 1
         self.step_seconds += step_seconds
 
@@ -1174,7 +1195,7 @@ def main(args):
                 window.reset()
             if kid_monitor is not None and clock.minutes() >= next_kid_minutes:
                 with clock.paused():
-                    kid = kid_monitor(generator_ema.module, data.config.latent_size, accelerator.device)
+                    kid = kid_monitor(EngravingPipeline(model_for_evaluation(model, generator_ema), data.tokenizer))
                 log_kid(accelerator, kid, global_step, clock.minutes(), metrics)
                 next_kid_minutes += args.kid_every_minutes
 

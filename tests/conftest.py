@@ -79,6 +79,25 @@ def tiny_pipeline(tiny_model, tiny_tokenizer):
 
 
 @pytest.fixture(scope="session")
+def tiny_drawing_pipeline(tiny_config, tiny_tokenizer):
+    """The tiny pipeline of a model trained to draw captions: its seeds sample a caption first, then draw from it."""
+    import torch
+
+    torch.manual_seed(0)
+    config = EngravingConfig.from_dict(
+        {**tiny_config.to_dict(), "caption_drawing_loss_weight": 10.0, "caption_prior_share": 0.1}
+    )
+    return EngravingPipeline(EngravingModel(config).eval(), tiny_tokenizer)
+
+
+@pytest.fixture(scope="session", params=["encoder_captions", "caption_drawing"])
+def seed_pipeline(request):
+    """Each way a seed becomes an engraving and a caption: the encoder reading the drawing, or the caption first."""
+    name = "tiny_pipeline" if request.param == "encoder_captions" else "tiny_drawing_pipeline"
+    return request.getfixturevalue(name)
+
+
+@pytest.fixture(scope="session")
 def tiny_model_dir(tiny_pipeline, tmp_path_factory):
     """The tiny pipeline saved as train.py saves `model/`: weights, config, tokenizer and the three code files."""
     path = tmp_path_factory.mktemp("tiny_model")

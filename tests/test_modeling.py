@@ -182,3 +182,27 @@ def test_cached_caption_logits_match_running_the_whole_caption(tiny_model):
     steps = [tiny_model.caption_logits(latents, ids[:, :1], cache)]
     steps += [tiny_model.caption_logits(latents, ids[:, i : i + 1], cache) for i in range(1, ids.shape[1])]
     assert torch.allclose(torch.cat(steps, dim=1), full, atol=1e-5)
+
+
+def test_a_captions_posterior_is_mean_plus_spread_noise_and_its_kl_vanishes_only_at_the_seeds_prior(
+    tiny_model, tiny_tokenizer
+):
+    batch = tiny_tokenizer([caption for _, caption in shape_pairs()], padding=True, return_tensors="pt")
+    noise = torch.randn(8, tiny_model.config.latent_size, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        latents, kl = tiny_model.sample_caption_latents(batch["input_ids"], batch["attention_mask"], noise=noise)
+        mean, log_variance = tiny_model.text_encoder(
+            tiny_model.token_embedding(batch["input_ids"]), batch["attention_mask"], return_log_variance=True
+        )
+        at_mean, _ = tiny_model.sample_caption_latents(batch["input_ids"], batch["attention_mask"], noise=0 * noise)
+    assert torch.allclose(latents, mean + noise * (0.5 * log_variance).exp(), atol=1e-6)
+    assert torch.allclose(at_mean, mean, atol=1e-6)
+    assert kl > 0
+    # A text encoder that says nothing about its captions gives the seeds' N(0, I): the latents are the noise itself.
+    silent = EngravingModel(tiny_model.config).eval()
+    for head in (silent.text_encoder.projection, silent.text_encoder.to_log_variance):
+        torch.nn.init.zeros_(head.weight)
+        torch.nn.init.zeros_(head.bias)
+    with torch.no_grad():
+        latents, kl = silent.sample_caption_latents(batch["input_ids"], batch["attention_mask"], noise=noise)
+    assert torch.equal(latents, noise) and kl == 0

@@ -15,32 +15,39 @@ from transformers import LogitsProcessor, LogitsProcessorList
 
 from configuration_engraving import EngravingConfig
 from modeling_engraving import EngravingModel
-from pipeline_engraving import WORD_PATTERN, CaptionWordConstraint, EngravingPipeline, caption_words
+from pipeline_engraving import (
+    WORD_PATTERN,
+    CaptionWordConstraint,
+    EngravingPipeline,
+    caption_words,
+    pixel_values_to_images,
+)
 
 
 def image_digests(images):
     return [hashlib.sha256(image.tobytes()).hexdigest() for image in images]
 
 
-def test_same_seed_gives_same_engraving_and_caption(tiny_pipeline):
-    first = tiny_pipeline(seeds=[7, 3])
-    second = tiny_pipeline(seeds=[7, 3])
+def test_same_seed_gives_same_engraving_and_caption(seed_pipeline):
+    first = seed_pipeline(seeds=[7, 3])
+    second = seed_pipeline(seeds=[7, 3])
     assert image_digests(first.images) == image_digests(second.images)
     assert first.captions == second.captions
     assert torch.equal(first.latents, second.latents)
 
 
-def test_different_seeds_give_different_engravings(tiny_pipeline):
-    outputs = tiny_pipeline(seeds=[0, 1, 2, 3])
+def test_different_seeds_give_different_engravings(seed_pipeline):
+    outputs = seed_pipeline(seeds=[0, 1, 2, 3])
     assert len(set(image_digests(outputs.images))) == 4
 
 
-def test_a_batch_of_seeds_equals_the_same_seeds_one_by_one(tiny_pipeline):
+def test_a_batch_of_seeds_equals_the_same_seeds_one_by_one(seed_pipeline):
     seeds = [3, 11, 42, 1000]
-    batched = tiny_pipeline(seeds=seeds, temperature=1.0)
-    single = [tiny_pipeline(seeds=[seed], temperature=1.0) for seed in seeds]
+    batched = seed_pipeline(seeds=seeds, temperature=1.0)
+    single = [seed_pipeline(seeds=[seed], temperature=1.0) for seed in seeds]
     assert batched.captions == [output.captions[0] for output in single]
-    assert torch.equal(batched.latents, torch.cat([output.latents for output in single]))
+    # A caption's posterior comes from the text encoder on a padded batch, which may round the last bit.
+    assert torch.allclose(batched.latents, torch.cat([output.latents for output in single]), atol=1e-6)
     for image, output in zip(batched.images, single):
         difference = (
             torch.tensor(np.asarray(image), dtype=torch.int16) - torch.tensor(np.asarray(output.images[0]))
@@ -60,7 +67,37 @@ def test_a_seeds_latent_is_its_normal_draw_and_its_caption_is_that_of_its_drawin
     assert output.captions == tiny_pipeline.caption_latents(tiny_pipeline.model.encode_images(drawing))
 
 
-def test_public_methods_speak_in_images_and_strings(tiny_pipeline):
+def test_a_caption_drawing_model_samples_a_seeds_caption_first_and_draws_from_its_posterior(
+    tiny_drawing_pipeline,
+):
+    pipeline, model = tiny_drawing_pipeline, tiny_drawing_pipeline.model
+    output = pipeline(seeds=[5, 6], temperature=1.0)
+    generators = [torch.Generator().manual_seed(seed) for seed in (5, 6)]
+    noise = torch.stack([torch.randn(model.config.latent_size, generator=g) for g in generators])
+    # The caption continues each seed's generator after its noise, from the captions' prior: the zero latent.
+    caption_ids = pipeline.generate_caption_ids(torch.zeros_like(noise), 1.0, 0.95, generators)
+    assert output.captions == pipeline.decode_caption_ids(caption_ids)
+    with torch.no_grad():
+        expected, _ = model.sample_caption_latents(
+            caption_ids, (caption_ids != model.config.pad_token_id).long(), noise
+        )
+        drawing = model.decode_latents(expected)
+    assert torch.allclose(output.latents, expected, atol=1e-6)
+    assert image_digests(output.images) == image_digests(pixel_values_to_images(drawing))
+    # `imagine` draws within the caption's posterior too: its mean, moved by the seed's noise times its spread.
+    caption = "An engraving depicting a circle on the left"
+    batch = pipeline.tokenize([caption])
+    with torch.no_grad():
+        mean, log_variance = model.text_encoder(
+            model.token_embedding(batch["input_ids"]), batch["attention_mask"], return_log_variance=True
+        )
+    imagined = pipeline.imagine(caption, seed=0, variation=0.5)
+    spread = 0.5 * pipeline.seed_latents([0]) * (0.5 * log_variance).exp()
+    assert torch.allclose(imagined.latents, mean + spread, atol=1e-5)
+
+
+def test_public_methods_speak_in_images_and_strings(seed_pipeline):
+    tiny_pipeline = seed_pipeline
     generated = tiny_pipeline(num_samples=2)
     assert len(generated.images) == len(generated.captions) == len(generated.seeds) == 2
     assert all(isinstance(caption, str) for caption in generated.captions)
@@ -177,7 +214,9 @@ def load_in_a_fresh_process(model_dir, tmp_path):
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
-def test_save_and_load_in_a_fresh_process_gives_identical_outputs(tiny_pipeline, tiny_model_dir, tmp_path):
+def test_save_and_load_in_a_fresh_process_gives_identical_outputs(seed_pipeline, tmp_path):
+    tiny_pipeline, tiny_model_dir = seed_pipeline, tmp_path / "model"
+    tiny_pipeline.save_pretrained(tiny_model_dir)
     config = json.loads((tiny_model_dir / "config.json").read_text())
     assert config["auto_map"]["AutoModel"] == "modeling_engraving.EngravingModel"
     assert (tiny_model_dir / "model.safetensors").exists()

@@ -366,3 +366,29 @@ def test_images_of_mixed_sizes_and_shapes_train(tmp_path):
     result = run_train(dataset, tmp_path / "run", "--max_train_steps", "2")
     assert result.returncode == 0, result.stderr[-3000:]
     assert (tmp_path / "run" / "model" / "model.safetensors").is_file()
+
+
+def test_caption_drawing_trains_the_text_posterior_and_resumes_exactly(tiny_dataset_dir, tmp_path):
+    flags = [
+        "--checkpointing_steps",
+        "2",
+        "--config_overrides",
+        "caption_drawing_loss_weight=10",
+        "caption_prior_share=0.5",
+    ]
+    whole = run_train(tiny_dataset_dir, tmp_path / "a", "--max_train_steps", "4", *flags)
+    assert whole.returncode == 0, whole.stderr[-3000:]
+    interrupted = run_train(tiny_dataset_dir, tmp_path / "b", "--max_train_steps", "2", *flags)
+    assert interrupted.returncode == 0, interrupted.stderr[-3000:]
+    resumed = run_train(
+        tiny_dataset_dir, tmp_path / "b", "--max_train_steps", "4", "--resume_from_checkpoint", "latest", *flags
+    )
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    expected, actual = step_losses(tmp_path / "a"), step_losses(tmp_path / "b")
+    assert "train_loss_caption_drawing" in expected[4] and "train_loss_caption_kl" in expected[4]
+    assert [actual[step] for step in (3, 4)] == [expected[step] for step in (3, 4)]
+    # Only the caption drawing's losses reach the posterior's spread: its bias starts at zero.
+    pipeline = EngravingPipeline.from_pretrained(tmp_path / "a" / "model")
+    assert pipeline.model.text_encoder.to_log_variance.bias.abs().sum() > 0
+    output = pipeline(seeds=[0, 1])
+    assert len(output.images) == 2 and all(output.captions)
