@@ -35,7 +35,7 @@ ENGRAVING_PRESETS = {
         "encoder_channels": [128, 64, 32, 16],
         "discriminator_channels": [64, 32, 16],
         "diff_augment_policy": "translation",
-        "caption_drawing_loss_weight": 30.0,
+        "caption_drawing_loss_weight": 100.0,
         "caption_prior_share": 0.1,
         "reconstruction_loss_weight": 0.0,
         "text_hidden_size": 128,

@@ -12,7 +12,9 @@ Exports a trained Engraving model to ONNX, for runtimes without PyTorch (onnxrun
   the pipeline masks each step's logits to the tokens that keep the caption to those words (`CaptionWordConstraint`
   in pipeline_engraving.py, plain Python over the tokenizer); a runtime that wants the same captions does the same.
 
-The tokenizer and config are saved beside them, so the folder holds everything a runtime needs.
+The tokenizer and config are saved beside them, so the folder holds everything a runtime needs. A model trained with
+caption drawing (the `demo` preset) samples a seed's caption first and draws from the text encoder's posterior, which
+is not exported: its seeds need the pipeline.
 
     python export_onnx.py --model outputs/demo/model --output_dir outputs/demo/onnx
 """
@@ -136,6 +138,12 @@ def main(argv=None):
     pipeline.tokenizer.save_pretrained(output_dir)
     model.config.save_pretrained(output_dir)
     print(f"Exported to {output_dir}.")
+    if model.config.caption_drawing_loss_weight:
+        print(
+            "This model draws seeds from captions (caption drawing): the pipeline samples a seed's caption first and "
+            "draws from the text encoder's posterior, which is not exported. These graphs caption pictures and draw "
+            "latents; they do not draw seeds as the pipeline does."
+        )
 
 
 if __name__ == "__main__":

@@ -793,6 +793,16 @@ output.images[0].save("engraving.png"); print(output.captions)
     return metadata, usage, note
 
 
+def caption_drawing_note(config):
+    """The model card's sentence on caption drawing, where the model was trained with it."""
+    if not config.caption_drawing_loss_weight:
+        return ""
+    return (
+        f" The generator also drew each print from its caption's posterior (L1 x{config.caption_drawing_loss_weight}, "
+        f"KL x{config.caption_kl_loss_weight}), so a seed samples its caption first and is drawn from it."
+    )
+
+
 def write_model_card(directory, args, config, record, num_train_images):
     """README.md with YAML metadata, the sample grid and the validation metrics of a saved model (or adapter)."""
     metrics = "\n".join(
@@ -826,7 +836,7 @@ caption; it also captions images, draws images for captions and walks between se
 Trained with `train.py` on {num_train_images} images for {record["step"]} steps ({record["epoch"]} epochs), batch
 {args.train_batch_size} per process, seed {args.seed}. The generator (FastGAN-style, its EMA weights saved, decay
 {args.ema_decay}) trained against a self-supervised discriminator with hinge loss and DiffAugment, at learning rate
-{args.generator_learning_rate}; the encoder and caption path at {args.learning_rate}.
+{args.generator_learning_rate}; the encoder and caption path at {args.learning_rate}.{caption_drawing_note(config)}
 
 ## Metrics (step {record["step"]})
 

@@ -392,3 +392,4 @@ def test_caption_drawing_trains_the_text_posterior_and_resumes_exactly(tiny_data
     assert pipeline.model.text_encoder.to_log_variance.bias.abs().sum() > 0
     output = pipeline(seeds=[0, 1])
     assert len(output.images) == 2 and all(output.captions)
+    assert "seed samples its caption first" in (tmp_path / "a" / "model" / "README.md").read_text()
