@@ -208,6 +208,11 @@ class EngravingConfig(PretrainedConfig):
             **kwargs,
         )
 
+    @property
+    def draws_from_captions(self):
+        """Whether the generator was trained to draw captions, so that a seed samples its caption first."""
+        return self.caption_drawing_loss_weight > 0
+
     @classmethod
     def from_preset(cls, name, **kwargs):
         """Builds the named preset (`"base"`, `"small"`, `"demo"` or `"tiny"`); keyword arguments override fields."""

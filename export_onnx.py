@@ -138,7 +138,7 @@ def main(argv=None):
     pipeline.tokenizer.save_pretrained(output_dir)
     model.config.save_pretrained(output_dir)
     print(f"Exported to {output_dir}.")
-    if model.config.caption_drawing_loss_weight:
+    if model.config.draws_from_captions:
         print(
             "This model draws seeds from captions (caption drawing): the pipeline samples a seed's caption first and "
             "draws from the text encoder's posterior, which is not exported. These graphs caption pictures and draw "

@@ -476,25 +476,35 @@ class EngravingPipeline:
         return self.decode_caption_ids(self.generate_caption_ids(latents, temperature, top_p, generators))
 
     @torch.no_grad()
-    def draw_seeds(self, seeds, temperature=CAPTION_TEMPERATURE, top_p=CAPTION_TOP_P):
+    def sample_seeds(self, seeds, temperature=CAPTION_TEMPERATURE, top_p=CAPTION_TOP_P):
         """
-        Each integer seed's latent, engraving `(batch, 3, image_size, image_size)` and caption, whatever else is in
-        the batch. A model trained to draw captions (`caption_drawing_loss_weight`) first samples the seed's caption
-        from the captions' prior (the caption decoder on the zero latent), then draws the latent `mean + std * noise`
-        from that caption's posterior with the seed's `N(0, I)` noise: the caption is what the engraving was drawn
-        from. Otherwise the seed's noise is the latent, and the caption is the encoder's reading of the engraving.
-        Either way the caption's sampling continues from each seed's generator, after the noise's draw.
+        Each integer seed's latent, whatever else is in the batch, without drawing it. A model that draws from
+        captions (`config.draws_from_captions`) first samples the seed's caption from the captions' prior (the caption
+        decoder on the zero latent), then takes the latent `mean + std * noise` from that caption's posterior with the
+        seed's `N(0, I)` noise. Otherwise the seed's noise is the latent. Returns `(latents, caption_ids, generators)`:
+        `caption_ids` is `None` without caption drawing, and the seeds' generators continue after what was drawn.
         """
         generators = seeded_generators(seeds)
         latents = self.seed_latents(seeds, generators)
-        if not self.model.config.caption_drawing_loss_weight:
-            pixel_values = self.draw(latents)
-            return latents, pixel_values, self.caption_pixel_values(pixel_values, temperature, top_p, generators)
+        if not self.model.config.draws_from_captions:
+            return latents, None, generators
         caption_ids = self.generate_caption_ids(torch.zeros_like(latents), temperature, top_p, generators)
         attention_mask = (caption_ids != self.model.config.pad_token_id).long()
         latents, _ = self.model.sample_caption_latents(caption_ids, attention_mask, noise=latents)
-        latents = latents.to(self.dtype)
-        return latents, self.draw(latents), self.decode_caption_ids(caption_ids)
+        return latents.to(self.dtype), caption_ids, generators
+
+    @torch.no_grad()
+    def draw_seeds(self, seeds, temperature=CAPTION_TEMPERATURE, top_p=CAPTION_TOP_P):
+        """
+        Each integer seed's latent, engraving `(batch, 3, image_size, image_size)` and caption, whatever else is in
+        the batch ([`~EngravingPipeline.sample_seeds`]). With caption drawing the caption is the one the engraving was
+        drawn from; otherwise it is the encoder's reading of the engraving, sampled on from each seed's generator.
+        """
+        latents, caption_ids, generators = self.sample_seeds(seeds, temperature, top_p)
+        pixel_values = self.draw(latents)
+        if caption_ids is None:
+            return latents, pixel_values, self.caption_pixel_values(pixel_values, temperature, top_p, generators)
+        return latents, pixel_values, self.decode_caption_ids(caption_ids)
 
     @torch.no_grad()
     def caption_pixel_values(self, pixel_values, temperature=0.0, top_p=1.0, generators=None):
@@ -581,7 +591,7 @@ class EngravingPipeline:
         captions = [captions] if isinstance(captions, str) else list(captions)
         seeds = [seed + index for index in range(len(captions))]
         noise = variation * self.seed_latents(seeds)
-        if self.model.config.caption_drawing_loss_weight:
+        if self.model.config.draws_from_captions:
             # Within the caption's posterior: the seed's noise scaled by the posterior's spread.
             batch = self.tokenize(captions)
             latents = self.model.sample_caption_latents(batch["input_ids"], batch["attention_mask"], noise=noise)[0]
@@ -600,7 +610,7 @@ class EngravingPipeline:
         """
         if steps < 2:
             raise ValueError(f"`steps` must be at least 2, got {steps}.")
-        latent_a, latent_b = self.draw_seeds([seed_a, seed_b])[0].float()
+        latent_a, latent_b = self.sample_seeds([seed_a, seed_b])[0].float()
         cosine = F.normalize(latent_a, dim=0) @ F.normalize(latent_b, dim=0)
         angle = torch.arccos(cosine.clamp(-1 + 1e-6, 1 - 1e-6))
         weights = torch.linspace(0, 1, steps, device=latent_a.device)[:, None]

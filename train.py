@@ -555,7 +555,7 @@ def training_step(accelerator, networks, optimizers, pixel_values, input_ids, at
     model, discriminator, generator_ema = networks
     generator_optimizer, discriminator_optimizer, encoder_optimizer = optimizers
     config = model.config
-    drawing_captions = bool(config.caption_drawing_loss_weight) and input_ids is not None
+    drawing_captions = config.draws_from_captions and input_ids is not None
     # The caption drawing's gradient reaches the text encoder in step 2 and is stepped with the rest of its in step 3.
     encoder_optimizer.zero_grad(set_to_none=True)
     with accelerator.autocast():
@@ -795,7 +795,7 @@ output.images[0].save("engraving.png"); print(output.captions)
 
 def caption_drawing_note(config):
     """The model card's sentence on caption drawing, where the model was trained with it."""
-    if not config.caption_drawing_loss_weight:
+    if not config.draws_from_captions:
         return ""
     return (
         f" The generator also drew each print from its caption's posterior (L1 x{config.caption_drawing_loss_weight}, "

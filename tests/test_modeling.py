@@ -24,6 +24,13 @@ def test_presets_have_the_documented_sizes():
     assert EngravingConfig.from_preset("small").image_size == 128
     assert EngravingConfig.from_preset("demo").image_size == 64
     assert EngravingConfig.from_preset("tiny").image_size == 32
+    # Only the demo preset draws seeds from captions; the property follows the loss weight, and is not saved.
+    assert [EngravingConfig.from_preset(name).draws_from_captions for name in ("base", "small", "demo")] == [
+        False,
+        False,
+        True,
+    ]
+    assert "draws_from_captions" not in EngravingConfig.from_preset("demo").to_dict()
 
 
 def test_preset_fields_can_be_overridden_like_any_config():
@@ -143,7 +150,8 @@ def test_projected_discriminator_trains_its_heads_on_frozen_lite1_features(tiny_
     assert torch.isfinite(loss) and reconstruction == 0
     loss.backward()
     assert all(parameter.grad is None for parameter in discriminator.features.parameters())
-    assert all(parameter.grad is not None for parameter in discriminator.heads.parameters())
+    trained_heads = [*discriminator.heads.parameters(), *discriminator.pixel_head.parameters()]
+    assert all(parameter.grad is not None for parameter in trained_heads)
     discriminator.generator_loss(fake).backward()
     assert fake.grad is not None and fake.grad.abs().sum() > 0
 
