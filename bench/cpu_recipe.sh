@@ -7,6 +7,7 @@
 #
 #   bash bench/cpu_recipe.sh data/engravings_128 runs/cpu_recipe
 #   BASELINE_COMMIT=7ba7b86 bash bench/cpu_recipe.sh data/engravings_128 runs/cpu_recipe
+#   GAN_ARGS="--discriminator projected" bash bench/cpu_recipe.sh data/engravings_128 runs/cpu_recipe_projected
 set -euo pipefail
 DATA=$(realpath "${1:?DATA folder written by prepare_dataset.py at 128 px}")
 OUT=$(realpath -m "${2:?OUT folder}")
@@ -34,7 +35,7 @@ stamp "the GAN recipe"
 "$PYTHON" train.py --dataset_path "$DATA" --preset small --output_dir "$OUT/gan" --train_batch_size 16 \
     --generator_learning_rate 5e-4 --discriminator_learning_rate 5e-4 \
     --max_train_steps 1000000 --max_train_minutes "$MINUTES" --validation_epochs 1000 --checkpointing_steps 1000 \
-    --report_to none
+    --report_to none ${GAN_ARGS:-}
 "$PYTHON" evaluate_model.py --model "$OUT/gan/model" --dataset_path "$DATA" --split validation --num_samples 200 \
     --output_dir "$OUT/gan/eval" --feature_extractor efficientnet-lite0
 stamp "done"
