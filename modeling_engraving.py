@@ -352,6 +352,18 @@ class EngravingDiscriminator(nn.Module):
         return -self(diff_augment(fake_pixel_values, self.augment_policy))[0].float().mean()
 
 
+def patch_discriminator(widths):
+    """
+    Spectrally normalised stride-2 4x4 convolutions through `widths` (each followed by LeakyReLU), then a 1x1
+    convolution to one logit per patch.
+    """
+    layers = []
+    for in_channels, out_channels in zip(widths, widths[1:]):
+        layers += [spectral_norm(nn.Conv2d(in_channels, out_channels, 4, 2, 1)), nn.LeakyReLU(0.2)]
+    layers.append(spectral_norm(nn.Conv2d(widths[-1], 1, 1)))
+    return nn.Sequential(*layers)
+
+
 class EngravingProjectedDiscriminator(nn.Module):
     """
     A Projected GAN discriminator (Sauer et al., 2021), trained beside [`EngravingModel`] by train.py and not part of
@@ -388,25 +400,10 @@ class EngravingProjectedDiscriminator(nn.Module):
         self.heads = nn.ModuleList()
         for scale in range(len(self.FEATURE_BLOCKS)):
             side = max(1, config.image_size // 4 // 2**scale)
-            layers = []
-            while side > 4:
-                layers += [
-                    spectral_norm(nn.Conv2d(self.MIXED_CHANNELS, self.MIXED_CHANNELS, 4, 2, 1)),
-                    nn.LeakyReLU(0.2),
-                ]
-                side //= 2
-            layers.append(spectral_norm(nn.Conv2d(self.MIXED_CHANNELS, 1, 1)))
-            self.heads.append(nn.Sequential(*layers))
+            num_halvings = max(0, math.ceil(math.log2(side / 4)))  # down to a 4 x 4 map
+            self.heads.append(patch_discriminator([self.MIXED_CHANNELS] * (num_halvings + 1)))
         # Three stride-2 convolutions: each logit sees a patch of about 22 pixels, a few strokes of hatching.
-        self.pixel_head = nn.Sequential(
-            spectral_norm(nn.Conv2d(3, 32, 4, 2, 1)),
-            nn.LeakyReLU(0.2),
-            spectral_norm(nn.Conv2d(32, 64, 4, 2, 1)),
-            nn.LeakyReLU(0.2),
-            spectral_norm(nn.Conv2d(64, 64, 4, 2, 1)),
-            nn.LeakyReLU(0.2),
-            spectral_norm(nn.Conv2d(64, 1, 1)),
-        )
+        self.pixel_head = patch_discriminator([3, 32, 64, 64])
 
     def train(self, mode=True):
         super().train(mode)
