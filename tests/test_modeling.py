@@ -156,6 +156,25 @@ def test_projected_discriminator_trains_its_heads_on_frozen_lite1_features(tiny_
     assert fake.grad is not None and fake.grad.abs().sum() > 0
 
 
+def test_projected_discriminator_weights_its_pixel_head_in_the_generator_loss(tiny_config):
+    from modeling_engraving import EngravingProjectedDiscriminator
+
+    torch.manual_seed(0)
+    discriminator = EngravingProjectedDiscriminator(tiny_config).eval()
+    fake = images_to_pixel_values([image for image, _ in shape_pairs()], 32)
+
+    def generator_loss(pixel_head_weight):
+        discriminator.pixel_head_weight = pixel_head_weight
+        torch.manual_seed(1)  # the same DiffAugment draw for each weight
+        return discriminator.generator_loss(fake)
+
+    torch.manual_seed(1)
+    pixel_logits, *feature_logits = discriminator(diff_augment(fake, tiny_config.diff_augment_policy))
+    features_only = -sum(logits.mean() for logits in feature_logits)
+    assert torch.allclose(generator_loss(0.0), features_only)
+    assert torch.allclose(generator_loss(0.25), features_only - 0.25 * pixel_logits.mean())
+
+
 def test_tiny_model_learns_to_caption_eight_pairs_and_to_invert_its_generator(tiny_config, tiny_tokenizer):
     torch.manual_seed(0)
     model = EngravingModel(tiny_config)
