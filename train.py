@@ -125,9 +125,9 @@ def add_data_and_model_arguments(parser):
     model.add_argument(
         "--pixel_head_weight",
         type=float,
-        default=1.0,
+        default=0.5,
         help="With --discriminator projected: the weight of its pixel head in the generator's loss, against 1 for "
-        "each feature scale.",
+        "each feature scale (0.5 measured best on the CPU recipe; BENCHMARKS.md).",
     )
     lora = parser.add_argument_group("LoRA fine-tuning")
     lora.add_argument(

@@ -7,7 +7,8 @@
 #
 #   bash bench/cpu_recipe.sh data/engravings_128 runs/cpu_recipe
 #   BASELINE_COMMIT=7ba7b86 bash bench/cpu_recipe.sh data/engravings_128 runs/cpu_recipe
-#   GAN_ARGS="--discriminator projected" bash bench/cpu_recipe.sh data/engravings_128 runs/cpu_recipe_projected
+#   BASELINE_COMMIT=7ba7b86 GAN_ARGS="--discriminator projected --pixel_head_weight 0.5" \
+#       bash bench/cpu_recipe.sh data/engravings_128 runs/cpu_recipe
 set -euo pipefail
 DATA=$(realpath "${1:?DATA folder written by prepare_dataset.py at 128 px}")
 OUT=$(realpath -m "${2:?OUT folder}")
