@@ -125,9 +125,9 @@ def add_data_and_model_arguments(parser):
     model.add_argument(
         "--pixel_head_weight",
         type=float,
-        default=0.5,
+        default=EngravingProjectedDiscriminator.PIXEL_HEAD_WEIGHT,
         help="With --discriminator projected: the weight of its pixel head in the generator's loss, against 1 for "
-        "each feature scale (0.5 measured best on the CPU recipe; BENCHMARKS.md).",
+        "each feature scale (default %(default)s: it met the CPU recipe's KID and HF goals; BENCHMARKS.md).",
     )
     lora = parser.add_argument_group("LoRA fine-tuning")
     lora.add_argument(
